@@ -1,0 +1,29 @@
+"""ElaLoRA: LoRA adapters whose ranks are pruned and expanded during fine-tuning.
+
+    model_names = elalora.inject(model, config)          # adapt target nn.Linear layers
+    allocator = elalora.RankAllocator(model, config, optimizer)
+    loss = task_loss + allocator.orth_penalty()
+    ...; optimizer.step(); allocator.step(); optimizer.zero_grad()
+"""
+from .allocator import RankAllocator, RoundRecord, StepInfo
+from .config import ElaLoRAConfig
+from .layer import ElaLoRALinear
+from .model import adapter_layers, inject, merge, unmerge
+from .reallocation import RoundPlan, plan_round
+from .regularizer import orth_penalty
+
+__all__ = [
+    "ElaLoRAConfig",
+    "ElaLoRALinear",
+    "RankAllocator",
+    "RoundPlan",
+    "RoundRecord",
+    "StepInfo",
+    "adapter_layers",
+    "inject",
+    "merge",
+    "orth_penalty",
+    "plan_round",
+    "unmerge",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,298 @@
+"""RankAllocator: importance scores every step, prune + expand rounds on schedule.
+
+Call ``step()`` once per optimizer step, after ``optimizer.step()`` and before
+``optimizer.zero_grad()``. A round changes values in place (parameters, the
+``active`` buffers, EMAs and, given the optimizer, its per-parameter state) and
+never a shape, so optimizers, DDP, ``torch.compile`` and outside references
+stay valid. Active slots are kept packed at the front of every layer: a pruned
+slot swaps places with the layer's last active slot, moving its parameters,
+EMAs and optimizer state with it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import elalora_kernels
+
+from .config import ElaLoRAConfig
+from .layer import ElaLoRALinear
+from .model import adapter_layers
+from .reallocation import plan_round
+from .schedule import STABLE, budget, is_round_step, phase
+
+logger = logging.getLogger("elalora")
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RoundRecord:
+    """What one reallocation round did."""
+
+    step: int
+    budget: int
+    pruned: dict[str, int] = field(default_factory=dict)  # layer name -> ranks removed
+    expanded: dict[str, int] = field(default_factory=dict)  # layer name -> ranks added
+    passed_over: list[str] = field(default_factory=list)  # full layers skipped for expansion
+    ranks: list[int] = field(default_factory=list)  # every layer's rank after the round
+
+    @property
+    def moved(self) -> int:
+        return sum(self.pruned.values())
+
+
+@dataclass
+class StepInfo:
+    """What one ``RankAllocator.step`` did."""
+
+    t: int
+    phase: int
+    nonfinite: int = 0  # elements whose |w·g| was inf/nan; their EMAs were left unchanged
+    round: Optional[RoundRecord] = None
+    skipped: bool = False  # the optimizer skipped this step, so the allocator did too
+
+
+class RankAllocator:
+    """The ElaLoRA rank allocator for every ElaLoRALinear of ``model``.
+
+    ``total_steps`` overrides ``config.total_steps`` (one of them is required).
+    Given ``optimizer``, a round zeroes the optimizer state of exactly the
+    slots it re-initialises and moves the state of kept slots with them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ElaLoRAConfig,
+        optimizer: torch.optim.Optimizer | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        if not isinstance(config, ElaLoRAConfig):
+            raise TypeError(f"RankAllocator expects an ElaLoRAConfig, got {type(config).__name__}")
+        total_steps = total_steps if total_steps is not None else config.total_steps
+        if total_steps is None:
+            raise ValueError("RankAllocator: total_steps is required (pass it or set config.total_steps)")
+        self.config = config.replace(total_steps=total_steps)
+        named = adapter_layers(model)
+        if not named:
+            raise ValueError("RankAllocator: model has no ElaLoRALinear layers (call elalora.inject first)")
+        self.names = [n for n, _ in named]
+        self.layers: list[ElaLoRALinear] = [m for _, m in named]
+        r_maxes = {layer.r_max for layer in self.layers}
+        if len(r_maxes) != 1:
+            raise ValueError(f"RankAllocator: every layer must share one r_max, found {sorted(r_maxes)}")
+        self.r_max = r_maxes.pop()
+        devices = {layer.lora_lam.device for layer in self.layers}
+        if len(devices) != 1:
+            raise ValueError(f"RankAllocator: adapters must be on one device, found {sorted(map(str, devices))}")
+        self.optimizer = optimizer
+        self.t = 0
+        self.history: list[RoundRecord] = []
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+        self.params: list[Tensor] = [p for layer in self.layers for p in _slot_params(layer)]
+        total = sum(p.numel() for p in self.params)
+        device = devices.pop()
+        # Two flat float32 buffers hold every EMA; per-tensor views index into them.
+        self.ema_ipt = torch.zeros(total, dtype=torch.float32, device=device)
+        self.ema_unc = torch.zeros(total, dtype=torch.float32, device=device)
+        self._ipt_views = _views(self.ema_ipt, self.params)
+        self._unc_views = _views(self.ema_unc, self.params)
+
+    # ------------------------------------------------------------ each step
+    def step(self, *, optimizer_skipped: bool = False) -> StepInfo:
+        """Update the scores and, on a round step, reallocate ranks.
+
+        With ``optimizer_skipped=True`` (e.g. a GradScaler overflow step) it
+        does nothing at all, not even advance its step counter, so the run
+        takes the same decisions as one without that step.
+        """
+        t = self.t
+        info = StepInfo(t=t, phase=phase(t, self.config), skipped=optimizer_skipped)
+        if optimizer_skipped:
+            return info
+        if any(layer.merged for layer in self.layers):
+            raise RuntimeError("RankAllocator.step: unmerge the adapters before training")
+        if info.phase != STABLE:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            info.nonfinite = elalora_kernels.score_ema_update(
+                self.params, grads, self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2
+            )
+            if info.nonfinite:
+                warnings.warn(
+                    f"elalora: {info.nonfinite} adapter gradient elements were inf/nan at step {t}; "
+                    "their importance EMAs were left unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if is_round_step(t, self.config):
+                info.round = self._round(t, budget(t, self.config))
+                self.history.append(info.round)
+        self.t = t + 1
+        return info
+
+    # ---------------------------------------------------------------- round
+    def rank_scores(self) -> Tensor:
+        """ALGORITHM §3 scores of every slot: float32 [layers, r_max]."""
+        ipt = [tuple(self._ipt_views[3 * i : 3 * i + 3]) for i in range(len(self.layers))]
+        unc = [tuple(self._unc_views[3 * i : 3 * i + 3]) for i in range(len(self.layers))]
+        return elalora_kernels.rank_scores(ipt, unc)
+
+    @torch.no_grad()
+    def _round(self, t: int, b: int) -> RoundRecord:
+        table = self.rank_scores().tolist()  # the round's one host sync
+        ranks = [layer.active_rank for layer in self.layers]
+        plan = plan_round(table, ranks, self.r_max, self.config.k, b)
+        record = RoundRecord(step=t, budget=b)
+        for m, slot in sorted(plan.prune, key=lambda mj: -mj[1]):  # descending slots keep indices valid
+            last = ranks[m] - 1
+            if slot != last:
+                for tensor, dim in self._slot_tensors(m):
+                    _swap(tensor, dim, slot, last)
+            ranks[m] = last
+            record.pruned[self.names[m]] = record.pruned.get(self.names[m], 0) + 1
+        for m in plan.expand:
+            self._init_slot(m, ranks[m])
+            ranks[m] += 1
+            record.expanded[self.names[m]] = record.expanded.get(self.names[m], 0) + 1
+        for m, layer in enumerate(self.layers):
+            if layer.active_rank != ranks[m]:
+                layer.set_active_rank(ranks[m])
+        record.passed_over = [self.names[m] for m in plan.passed_over]
+        record.ranks = ranks
+        if record.passed_over:
+            logger.info("round at step %d passed over full layers %s", t, record.passed_over)
+        logger.debug("round at step %d moved %d ranks: -%s +%s", t, record.moved, record.pruned, record.expanded)
+        return record
+
+    def _slot_tensors(self, m: int) -> list[tuple[Tensor, int]]:
+        """Every tensor holding per-slot data of layer m, with its slot dimension."""
+        out = []
+        for i, (param, dim) in enumerate(zip(_slot_params(self.layers[m]), (1, 0, 0))):
+            out += [(param.data, dim), (self._ipt_views[3 * m + i], dim), (self._unc_views[3 * m + i], dim)]
+            out += [(state, dim) for state in self._optimizer_state(param)]
+        return out
+
+    def _optimizer_state(self, param: Tensor) -> list[Tensor]:
+        if self.optimizer is None:
+            return []
+        state = self.optimizer.state.get(param, {})
+        return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
+
+    def _init_slot(self, m: int, slot: int) -> None:
+        """ALGORITHM §4.6: a new rank orthogonal to the active ones, λ ≈ 0, zero EMAs and moments."""
+        layer = self.layers[m]
+        for tensor, dim in self._slot_tensors(m):
+            tensor.select(dim, slot).zero_()
+        q = _orthogonal_unit(layer.lora_Q[:slot], self.generator)
+        p = _orthogonal_unit(layer.lora_P[:, :slot].t(), self.generator)
+        layer.lora_Q[slot] = q.to(layer.lora_Q.dtype)
+        layer.lora_P[:, slot] = p.to(layer.lora_P.dtype)
+        smallest = float(layer.lora_lam[:slot].abs().min()) if slot > 0 else 0.0
+        layer.lora_lam[slot] = min(smallest, 1e-13)
+
+    # ------------------------------------------------------------- queries
+    def rank_pattern(self) -> dict[str, int]:
+        return {name: layer.active_rank for name, layer in zip(self.names, self.layers)}
+
+    def total_rank(self) -> int:
+        return sum(layer.active_rank for layer in self.layers)
+
+    def orth_penalty(self) -> Tensor:
+        """The orthogonality regulariser with this config's coefficient, to add to the loss."""
+        from .regularizer import orth_penalty
+
+        return orth_penalty(self.layers, self.config.orth_reg)
+
+    # ------------------------------------------------------------ resuming
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit for bit (the active masks live in the model)."""
+        return {
+            "version": STATE_VERSION,
+            "t": self.t,
+            "config": self.config.to_dict(),
+            "layers": list(self.names),
+            "ema_ipt": self.ema_ipt.clone(),
+            "ema_unc": self.ema_unc.clone(),
+            "generator": self.generator.get_state(),
+            "history": [asdict(r) for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state saved from the same model and config; anything else is rejected."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"RankAllocator.load_state_dict: not an allocator state of version {STATE_VERSION}")
+        if state["layers"] != self.names:
+            raise ValueError(
+                "RankAllocator.load_state_dict: state is from a different model "
+                f"({len(state['layers'])} adapted layers, this model has {len(self.names)}; "
+                f"first difference: {_first_difference(state['layers'], self.names)})"
+            )
+        mine = self.config.to_dict()
+        diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
+        if diff:
+            raise ValueError(f"RankAllocator.load_state_dict: config differs (saved, current): {diff}")
+        for key in ("ema_ipt", "ema_unc"):
+            src = state[key]
+            if not (isinstance(src, Tensor) and src.shape == self.ema_ipt.shape and src.dtype == torch.float32):
+                raise ValueError(f"RankAllocator.load_state_dict: {key} must be float32 of shape {tuple(self.ema_ipt.shape)}")
+        self.ema_ipt.copy_(state["ema_ipt"])
+        self.ema_unc.copy_(state["ema_unc"])
+        self.generator.set_state(state["generator"])
+        self.history = [RoundRecord(**r) for r in state["history"]]
+        self.t = int(state["t"])
+
+
+def _slot_params(layer: ElaLoRALinear) -> tuple[Tensor, Tensor, Tensor]:
+    return layer.lora_P, layer.lora_lam, layer.lora_Q
+
+
+def _views(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return views
+
+
+def _swap(tensor: Tensor, dim: int, i: int, j: int) -> None:
+    a, b = tensor.select(dim, i), tensor.select(dim, j)
+    held = a.clone()
+    a.copy_(b)
+    b.copy_(held)
+
+
+def _orthogonal_unit(rows: Tensor, generator: torch.Generator) -> Tensor:
+    """A unit vector orthogonal to every row of ``rows`` [k, d] (ALGORITHM §4.6, exact removal).
+
+    Drawn in float64 on the CPU from ``generator``, so decisions and values do
+    not depend on the device. The span is removed twice against an orthonormal
+    QR basis (the authors' single projection is exact only for orthonormal
+    rows). When the rows already span the space (k ≥ d) no orthogonal
+    direction exists and the random unit vector is used as drawn.
+    """
+    d = rows.shape[1]
+    v = torch.randn(d, generator=generator, dtype=torch.float64)
+    if rows.shape[0] > 0:
+        basis, _ = torch.linalg.qr(rows.detach().to("cpu", torch.float64).t())
+        w = v
+        for _ in range(2):
+            w = w - basis @ (basis.t() @ w)
+        if w.norm() > 1e-6 * math.sqrt(d):
+            v = w
+    return (v / v.norm()).to(rows.device)
+
+
+def _first_difference(a: list, b: list):
+    for x, y in zip(a, b):
+        if x != y:
+            return (x, y)
+    return "lengths differ"

@@ -1,0 +1,121 @@
+"""ElaLoRAConfig: every hyper-parameter of the method, validated at construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+
+def _fail(name: str, rule: str, value) -> None:
+    raise ValueError(f"ElaLoRAConfig.{name} {rule} (got {value!r})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ElaLoRAConfig:
+    """Hyper-parameters of ElaLoRA (names as in ALGORITHM.md).
+
+    ``r`` is the initial rank of every adapted matrix and ``r_max`` its slot
+    capacity (default ``2·r``). The scale ``s = lora_alpha / r`` is fixed per
+    layer: it is not rescaled when a layer's rank changes (as in the authors'
+    code and AdaLoRA). ``total_steps`` may be left ``None`` when the allocator
+    is given it later (for instance by the Trainer callback).
+    """
+
+    r: int = 8
+    r_max: Optional[int] = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: Union[str, Sequence[str]] = ("query", "value")
+    beta1: float = 0.85
+    beta2: float = 0.85
+    b: int = 4
+    k: int = 2
+    t_init: int = 200
+    t_final: int = 200
+    mask_interval: int = 50
+    total_steps: Optional[int] = None
+    rank_scheduler: bool = True
+    orth_reg: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r_max is None:
+            object.__setattr__(self, "r_max", 2 * self.r if _is_int(self.r) else None)
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("r", "r_max", "b", "k", "t_init", "t_final", "mask_interval", "seed"):
+            if not _is_int(getattr(self, name)):
+                _fail(name, "must be an int", getattr(self, name))
+        if self.r < 1:
+            _fail("r", "must be >= 1", self.r)
+        if self.r_max < self.r:
+            _fail("r_max", f"must be >= r = {self.r}", self.r_max)
+        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            _fail("lora_alpha", "must be a number > 0", self.lora_alpha)
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            _fail("lora_dropout", "must be in [0, 1)", self.lora_dropout)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                _fail(name, "must be in (0, 1)", value)
+        if self.b < 0:
+            _fail("b", "must be >= 0", self.b)
+        if self.k < 1:
+            _fail("k", "must be >= 1", self.k)
+        if self.t_init < 0:
+            _fail("t_init", "must be >= 0", self.t_init)
+        if self.t_final < 0:
+            _fail("t_final", "must be >= 0", self.t_final)
+        if self.mask_interval < 1:
+            _fail("mask_interval", "must be >= 1", self.mask_interval)
+        if self.total_steps is not None:
+            if not _is_int(self.total_steps) or self.total_steps < 1:
+                _fail("total_steps", "must be an int >= 1 or None", self.total_steps)
+            if self.t_init + self.t_final >= self.total_steps:
+                _fail(
+                    "total_steps",
+                    f"must be > t_init + t_final = {self.t_init} + {self.t_final}"
+                    " (t_init + t_final must be < total_steps)",
+                    self.total_steps,
+                )
+        if not isinstance(self.rank_scheduler, bool):
+            _fail("rank_scheduler", "must be a bool", self.rank_scheduler)
+        if not (isinstance(self.orth_reg, (int, float)) and self.orth_reg >= 0):
+            _fail("orth_reg", "must be a number >= 0", self.orth_reg)
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if not targets:
+                _fail("target_modules", "must not be empty", targets)
+        elif not (
+            isinstance(targets, tuple) and targets and all(isinstance(t, str) and t for t in targets)
+        ):
+            _fail("target_modules", "must be a regex string or a non-empty sequence of names", targets)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+    def replace(self, **changes) -> "ElaLoRAConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(out["target_modules"], tuple):
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ElaLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"ElaLoRAConfig: unknown fields {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,165 @@
+"""ElaLoRALinear: a drop-in nn.Linear with an elastic-rank SVD-form adapter."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import elalora_kernels
+
+
+class ElaLoRALinear(nn.Module):
+    """``y = x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ λ) Pᵀ`` with elastic rank.
+
+    Capacity is static: ``lora_P [out, r_max]``, ``lora_lam [r_max]`` and
+    ``lora_Q [r_max, in]`` are allocated once, so optimizers, DDP and
+    ``torch.compile`` never see a shape change. The boolean buffer ``active``
+    says which slots are in use; the allocator keeps active slots packed at the
+    front, so eager forward reads only the first ``active_rank`` slots and the
+    adapter costs what its active rank costs. ``W0`` and ``bias`` are frozen.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        r_max: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        device=None,
+        dtype=None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, r, r_max, lora_alpha, lora_dropout, generator)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        r_max: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> "ElaLoRALinear":
+        """Wrap an existing layer; its weight and bias Parameters are shared, not copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias, r, r_max, lora_alpha, lora_dropout, generator)
+        return layer
+
+    def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator) -> None:
+        r_max = 2 * r if r_max is None else r_max
+        if not (isinstance(r, int) and r >= 1):
+            raise ValueError(f"ElaLoRALinear: r must be an int >= 1 (got {r!r})")
+        if not (isinstance(r_max, int) and r_max >= r):
+            raise ValueError(f"ElaLoRALinear: r_max must be an int >= r = {r} (got {r_max!r})")
+        if not 0 <= lora_dropout < 1:
+            raise ValueError(f"ElaLoRALinear: lora_dropout must be in [0, 1) (got {lora_dropout!r})")
+        if not weight.is_floating_point():
+            raise TypeError(f"ElaLoRALinear: weight must be floating point (got {weight.dtype})")
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.r_init, self.r_max = r, r_max
+        self.scale = lora_alpha / r  # fixed: not rescaled when the rank changes (ALGORITHM §1)
+        self.lora_dropout = float(lora_dropout)
+        self.weight = weight
+        self.bias = bias
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        # Drawn on the CPU in float32 so a seed gives the same adapter on every device.
+        self.lora_P = nn.Parameter((torch.randn(out_features, r_max, generator=generator) * 0.02).to(**factory))
+        self.lora_lam = nn.Parameter(torch.zeros(r_max, **factory))
+        self.lora_Q = nn.Parameter((torch.randn(r_max, in_features, generator=generator) * 0.02).to(**factory))
+        active = torch.zeros(r_max, dtype=torch.bool, device=weight.device)
+        active[:r] = True
+        self.register_buffer("active", active, persistent=True)
+        self._rank = r  # host copy of active.sum(): forward must not sync on it
+        self.merged = False
+        self.register_load_state_dict_post_hook(_refresh_rank_after_load)
+
+    # ----------------------------------------------------------------- rank
+    @property
+    def active_rank(self) -> int:
+        return self._rank
+
+    def set_active_rank(self, rank: int) -> None:
+        """Mark slots ``[0, rank)`` active (the allocator keeps them packed)."""
+        if not 1 <= rank <= self.r_max:
+            raise ValueError(f"active rank must be in [1, {self.r_max}] (got {rank})")
+        with torch.no_grad():
+            self.active.zero_()
+            self.active[:rank] = True
+        self._rank = rank
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        # Under torch.compile use every slot with the mask, so that a change of
+        # rank changes a buffer's values, not a shape (no recompilation).
+        r = self.r_max if torch.compiler.is_compiling() else self._rank
+        return elalora_kernels.adapter_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_P[:, :r],
+            self.lora_lam[:r],
+            self.lora_Q[:r],
+            self.active[:r],
+            self.scale,
+            self.lora_dropout if self.training else 0.0,
+        )
+
+    # ---------------------------------------------------------------- merge
+    def delta_weight(self) -> Tensor:
+        """``ΔW = s·P diag(λ·active) Q``, computed in float32, in the weight's dtype."""
+        r = self._rank
+        lam = self.lora_lam[:r].float() * self.active[:r].float()
+        delta = (self.lora_P[:, :r].float() * (self.scale * lam)) @ self.lora_Q[:r].float()
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into W0 for inference; ranks must not change while merged."""
+        if self.merged:
+            raise RuntimeError("ElaLoRALinear.merge: layer is already merged")
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("ElaLoRALinear.unmerge: layer is not merged")
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, rank={self._rank}/{self.r_max}, "
+            f"scale={self.scale:g}, dropout={self.lora_dropout:g}, merged={self.merged}"
+        )
+
+
+def _refresh_rank_after_load(layer: ElaLoRALinear, incompatible_keys) -> None:
+    """Re-derive the host rank from a loaded ``active`` buffer, which must be a prefix."""
+    active = layer.active.cpu()
+    rank = int(active.sum())
+    if rank < 1 or not bool(active[:rank].all()):
+        raise ValueError(
+            f"loaded 'active' buffer is not a packed prefix of >= 1 slots: {active.int().tolist()}"
+        )
+    layer._rank = rank
+

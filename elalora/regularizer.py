@@ -1,0 +1,29 @@
+"""The orthogonality regulariser (ALGORITHM §6), a scalar to add to the loss."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch.nn as nn
+from torch import Tensor
+
+import elalora_kernels
+
+from .layer import ElaLoRALinear
+from .model import adapter_layers
+
+
+def orth_penalty(source: Union[nn.Module, Sequence[ElaLoRALinear]], coeff: float = 0.1) -> Tensor:
+    """``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks of every adapter.
+
+    ``source`` is a model holding ElaLoRALinear layers or a sequence of them
+    (``RankAllocator.orth_penalty()`` passes its own layers and coefficient).
+    """
+    layers = [m for _, m in adapter_layers(source)] if isinstance(source, nn.Module) else list(source)
+    if not layers:
+        raise ValueError("orth_penalty: no ElaLoRALinear layers found")
+    return elalora_kernels.orth_penalty(
+        [layer.lora_P for layer in layers],
+        [layer.lora_Q for layer in layers],
+        [layer.active for layer in layers],
+        coeff,
+    )

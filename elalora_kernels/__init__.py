@@ -1,0 +1,8 @@
+"""Tensor-level ElaLoRA ops: no nn.Module and no model knowledge.
+
+Every op has an eager version in :mod:`elalora_kernels.reference` and a fast
+one chosen per call by :mod:`elalora_kernels.dispatch`.
+"""
+from .dispatch import BACKENDS, adapter_linear, backend_for, orth_penalty, rank_scores, score_ema_update
+
+__all__ = ["BACKENDS", "adapter_linear", "backend_for", "orth_penalty", "rank_scores", "score_ema_update"]

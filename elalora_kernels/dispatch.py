@@ -1,0 +1,54 @@
+"""The one place that picks a backend for each op call.
+
+CUDA tensors go to Triton when it is installed, CPU tensors to the C++
+extension (the ``cpu`` backend falls back to vectorised torch by itself when
+the extension is missing). ``ELALORA_BACKEND=reference|cpu|triton`` forces one.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton")
+ENV_VAR = "ELALORA_BACKEND"
+
+
+def _triton_usable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_for(device: torch.device) -> str:
+    """Name of the backend that ops on tensors of ``device`` run on."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; expected one of {BACKENDS}")
+        return forced
+    if device.type == "cuda" and _triton_usable():
+        return "triton"
+    return "cpu"
+
+
+def _module(device: torch.device) -> ModuleType:
+    return importlib.import_module(f"elalora_kernels.{backend_for(device)}")
+
+
+def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0):
+    return _module(x.device).adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p)
+
+
+def score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2) -> int:
+    if not params:
+        return 0
+    return _module(params[0].device).score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2)
+
+
+def rank_scores(ipt, unc):
+    return _module(ipt[0][0].device).rank_scores(ipt, unc)
+
+
+def orth_penalty(Ps, Qs, actives, coeff):
+    return _module(Ps[0].device).orth_penalty(Ps, Qs, actives, coeff)
