@@ -1,0 +1,231 @@
+"""ALGORITHM §2 — score + EMA update for every adapter tensor in ONE launch.
+
+Layout (the ``multi_tensor_apply`` idea with a device pointer table):
+
+* ``ptrs``  int64 [T, 4]: addresses of (w, g, Ī, Ū) of each tensor;
+* ``numel`` int64 [T];
+* ``blocks`` int64 [B, 2]: (tensor index, first element) of each program.
+
+One program updates ``BLOCK`` consecutive elements of one tensor: one read of
+w, g, Ī, Ū and one write of Ī, Ū per element. Both tables are cached: the block
+table per tuple of sizes, the pointer table per tuple of addresses (rebuilt
+only when an address changes, e.g. when grads are re-allocated after
+``zero_grad(set_to_none=True)``). When every address is 16-byte aligned the
+kernel is told so, and the compiler emits 16-byte vector loads.
+
+Arithmetic is float32 in the reference's order, ``β·Ī + (1−β)·ipt``, with the
+scalars rounded to float32 as torch rounds them, and FMA contraction disabled
+at launch: float32 results are bit-identical to ``reference.score_ema_update``.
+A non-finite ``|w·g|`` keeps its EMAs and is counted (one atomic per program).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from elalora_kernels import reference
+
+from ._common import TL_DTYPE, interpreting
+
+BLOCK = 4096  # elements per program: 8 warps x 32 threads x 16 elements (4 x 16-byte loads each for fp32)
+_CACHE_SIZE = 8
+
+
+@triton.jit
+def _update_block(w_ptr, g_ptr, i_ptr, u_ptr, offs, n, beta1, one_minus_beta1, beta2, one_minus_beta2, MASKED: tl.constexpr):
+    if MASKED:  # the tail of a tensor
+        mask = offs < n
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        ema_i = tl.load(i_ptr + offs, mask=mask, other=0.0)
+        ema_u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    else:  # a full block: unmasked, so aligned loads vectorise
+        w = tl.load(w_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        ema_i = tl.load(i_ptr + offs)
+        ema_u = tl.load(u_ptr + offs)
+
+    ipt = tl.abs(w * g)
+    finite = ipt < float("inf")  # ipt >= 0, so this is False exactly for inf and nan
+    new_i = beta1 * ema_i + one_minus_beta1 * ipt
+    new_u = beta2 * ema_u + one_minus_beta2 * tl.abs(ipt - new_i)
+    if MASKED:
+        tl.store(i_ptr + offs, tl.where(finite, new_i, ema_i), mask=mask)
+        tl.store(u_ptr + offs, tl.where(finite, new_u, ema_u), mask=mask)
+        bad = tl.sum((mask & (finite == 0)).to(tl.int32), axis=0)
+    else:
+        tl.store(i_ptr + offs, tl.where(finite, new_i, ema_i))
+        tl.store(u_ptr + offs, tl.where(finite, new_u, ema_u))
+        bad = tl.sum((finite == 0).to(tl.int32), axis=0)
+    return bad
+
+
+@triton.jit
+def _score_ema_kernel(
+    ptrs,  # int64 [T, 4]
+    numels,  # int64 [T]
+    blocks,  # int64 [B, 2]
+    count,  # int32 [1]
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    W_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(blocks + 2 * pid)
+    start = tl.load(blocks + 2 * pid + 1)
+    n = tl.load(numels + tid)
+    w_addr = tl.load(ptrs + 4 * tid)
+    g_addr = tl.load(ptrs + 4 * tid + 1)
+    i_addr = tl.load(ptrs + 4 * tid + 2)
+    u_addr = tl.load(ptrs + 4 * tid + 3)
+    w_ptr = w_addr.to(tl.pointer_type(W_DTYPE))
+    g_ptr = g_addr.to(tl.pointer_type(G_DTYPE))
+    i_ptr = i_addr.to(tl.pointer_type(tl.float32))
+    u_ptr = u_addr.to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # every address is 16-byte aligned: lets the compiler emit 16-byte vector loads
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        i_ptr = tl.multiple_of(i_ptr, 16)
+        u_ptr = tl.multiple_of(u_ptr, 16)
+
+    offs = start + tl.arange(0, BLOCK)
+    offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        bad = _update_block(w_ptr, g_ptr, i_ptr, u_ptr, offs, n, beta1, one_minus_beta1, beta2, one_minus_beta2, False)
+    else:
+        bad = _update_block(w_ptr, g_ptr, i_ptr, u_ptr, offs, n, beta1, one_minus_beta1, beta2, one_minus_beta2, True)
+    if bad > 0:
+        tl.atomic_add(count, bad)
+
+
+class _Plan:
+    """Device tables of one group of tensors (one launch)."""
+
+    __slots__ = ("ptrs", "numels", "blocks", "nblocks", "aligned", "w_dtype", "g_dtype")
+
+
+_block_cache: "OrderedDict[tuple, tuple[Tensor, Tensor]]" = OrderedDict()
+_ptr_cache: "OrderedDict[tuple, _Plan]" = OrderedDict()
+
+
+def _remember(cache: OrderedDict, key, value):
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _block_tables(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    key = (numels, str(device))
+    hit = _block_cache.get(key)
+    if hit is not None:
+        _block_cache.move_to_end(key)
+        return hit
+    counts = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
+    tid = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(tid.numel(), dtype=torch.int64) - first[tid]) * BLOCK
+    blocks = torch.stack([tid, start], dim=1).contiguous()
+    numel_t = torch.tensor(numels, dtype=torch.int64)
+    return _remember(_block_cache, key, (numel_t.to(device), blocks.to(device)))
+
+
+def _plan(group: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> _Plan:
+    addrs = tuple(t.data_ptr() for quad in group for t in quad)
+    numels = tuple(quad[0].numel() for quad in group)
+    device = group[0][0].device
+    key = (addrs, numels, str(device), group[0][0].dtype, group[0][1].dtype)
+    hit = _ptr_cache.get(key)
+    if hit is not None:
+        _ptr_cache.move_to_end(key)
+        return hit
+    plan = _Plan()
+    plan.numels, plan.blocks = _block_tables(numels, device)
+    plan.nblocks = plan.blocks.shape[0]
+    plan.ptrs = torch.tensor(addrs, dtype=torch.int64).view(-1, 4).to(device)
+    plan.aligned = all(a % 16 == 0 for a in addrs)
+    plan.w_dtype = TL_DTYPE[group[0][0].dtype]
+    plan.g_dtype = TL_DTYPE[group[0][1].dtype]
+    return _remember(_ptr_cache, key, plan)
+
+
+def _kernel_ok(w: Tensor, g: Tensor, i: Tensor, u: Tensor) -> bool:
+    return (
+        w.dtype in TL_DTYPE
+        and g.dtype in TL_DTYPE
+        and i.dtype == torch.float32
+        and u.dtype == torch.float32
+        and w.shape == g.shape == i.shape == u.shape
+        and all(t.is_contiguous() for t in (w, g, i, u))
+        and len({t.device for t in (w, g, i, u)}) == 1
+        and (w.is_cuda or interpreting())
+    )
+
+
+def score_ema_update_async(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    ema_ipt: Sequence[Tensor],
+    ema_unc: Sequence[Tensor],
+    beta1: float,
+    beta2: float,
+) -> Tensor:
+    """The update without a host sync: returns the non-finite count as an int32 device tensor."""
+    if not (len(params) == len(grads) == len(ema_ipt) == len(ema_unc)):
+        raise ValueError("score_ema_update: params, grads, ema_ipt and ema_unc must have equal lengths")
+    device = params[0].device if len(params) else torch.device("cpu")
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    groups: dict[tuple, list] = {}
+    for quad in zip(params, grads, ema_ipt, ema_unc):
+        w, g, i, u = (t.detach() for t in quad)
+        if w.numel() == 0:
+            continue
+        if not _kernel_ok(w, g, i, u):  # odd layouts: correct, not fast
+            count += reference.score_ema_update([w], [g], [i], [u], beta1, beta2)
+            continue
+        groups.setdefault((w.dtype, g.dtype, w.device), []).append((w, g, i, u))
+    b1, b2 = float(beta1), float(beta2)
+    for group in groups.values():
+        plan = _plan(group)
+        _score_ema_kernel[(plan.nblocks,)](
+            plan.ptrs,
+            plan.numels,
+            plan.blocks,
+            count,
+            b1,
+            1.0 - b1,
+            b2,
+            1.0 - b2,
+            W_DTYPE=plan.w_dtype,
+            G_DTYPE=plan.g_dtype,
+            BLOCK=BLOCK,
+            ALIGNED=plan.aligned,
+            num_warps=8,
+            enable_fp_fusion=False,  # keep β·Ī + (1−β)·ipt as torch computes it: no FMA
+        )
+    return count
+
+
+def score_ema_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    ema_ipt: Sequence[Tensor],
+    ema_unc: Sequence[Tensor],
+    beta1: float,
+    beta2: float,
+) -> int:
+    """``reference.score_ema_update`` in one launch; returns the number of non-finite elements."""
+    if len(params) == 0:
+        return 0
+    return int(score_ema_update_async(params, grads, ema_ipt, ema_unc, beta1, beta2).item())
