@@ -1,0 +1,386 @@
+"""ALGORITHM §1 — the adapted linear layer, forward and hand-written backward.
+
+    y = x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ λ_eff) Pᵀ,    λ_eff = λ·active
+
+Forward: the base GEMM is cuBLAS (``F.linear``); then ONE Triton kernel, per
+tile of rows, accumulates ``xq = x Qᵀ`` in registers (rank dimension padded
+to a power of two ≥ 16 and masked with the runtime rank ``r``), stores that
+N×r float32 tile once (saved for backward), scales it by ``s·λ_eff`` and adds
+``t Pᵀ`` into the base output tiles in place: no N×out temporary.
+
+Backward (``g = ∂L/∂y``):
+
+* kernel ``_bwd_dx``: per row tile, ``gp = g P`` once; from it
+  ``dλ = s·Σ_n gp ⊙ xq`` (per-tile partials, summed on the host),
+  ``u = s·gp ⊙ λ_eff`` (stored, N×r) and ``dx += u Q`` accumulated in place
+  into the cuBLAS ``g W0``;
+* kernel ``_tn`` (split-N partials, deterministic): ``dP = gᵀ (s·xq ⊙ λ_eff)``
+  and ``dQ = uᵀ x``, each a reduction over N.
+
+Matmul operands are in the input dtype (bf16/fp16 use tensor cores; fp32 uses
+IEEE fp32, never TF32, as torch does by default), accumulation is fp32. Ranks
+change at run time: ``r`` is a runtime argument; only its power-of-two block is
+a compile-time constant. Dropout (p > 0) is drawn on the host with
+``F.dropout`` first, exactly like the reference, so one seed gives one mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import check_device, interpreting, num_sms, rank_block
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation; IEEE fp32 (no TF32) for fp32 inputs.
+
+    ``UPCAST`` is set only under the interpreter, whose numpy dot cannot take
+    bfloat16: the operands are widened exactly to fp32 there.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even.
+
+    Under the interpreter (``UPCAST``) an fp32 -> bf16 cast truncates, so the
+    value is first rounded to nearest-even bf16 by hand (exact afterwards).
+    """
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, y_ptr, xq_ptr,
+    N, IN, OUT, R,
+    stride_xn, stride_qr, stride_qk, stride_lam, stride_act, stride_po, stride_pr, stride_yn,
+    scale,
+    TILES_PER_PROG,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, STORE_XQ: tl.constexpr, ACCUM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+
+    # xq = x Qᵀ for this row tile, fp32 in registers
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < IN
+        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        qt = tl.load(q_ptr + rr[None, :] * stride_qr + ks[:, None] * stride_qk, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(xt, qt, acc, IEEE, UPCAST)
+    if STORE_XQ:
+        if pid_s == 0:
+            tl.store(xq_ptr + rows[:, None] * R + rr[None, :], acc, mask=row_mask[:, None] & r_mask[None, :])
+
+    lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
+    act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
+    t = _cast((acc * (lam * act)[None, :]) * scale, p_ptr.dtype.element_ty, UPCAST)  # the reference's order: (xq·λ_eff)·s
+
+    for j in range(0, TILES_PER_PROG):
+        os = (pid_s * TILES_PER_PROG + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_mask = os < OUT
+        pt = tl.load(p_ptr + os[None, :] * stride_po + rr[:, None] * stride_pr, mask=r_mask[:, None] & o_mask[None, :], other=0.0)
+        upd = _dot(t, pt, None, IEEE, UPCAST)
+        y_ptrs = y_ptr + rows[:, None] * stride_yn + os[None, :]
+        m = row_mask[:, None] & o_mask[None, :]
+        if ACCUM:
+            upd += tl.load(y_ptrs, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, _cast(upd, y_ptr.dtype.element_ty, UPCAST), mask=m)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    g_ptr, p_ptr, q_ptr, lam_ptr, act_ptr, xq_ptr, u_ptr, dlam_ptr, dx_ptr,
+    N, IN, OUT, R,
+    stride_gn, stride_po, stride_pr, stride_qr, stride_qk, stride_lam, stride_act, stride_dxn,
+    scale,
+    TILES_PER_PROG,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_DX: tl.constexpr, ACCUM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+
+    # gp = g P, once per row tile
+    gp = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for o0 in range(0, OUT, BLOCK_N):
+        os = o0 + tl.arange(0, BLOCK_N)
+        o_mask = os < OUT
+        gt = tl.load(g_ptr + rows[:, None] * stride_gn + os[None, :], mask=row_mask[:, None] & o_mask[None, :], other=0.0)
+        pt = tl.load(p_ptr + os[:, None] * stride_po + rr[None, :] * stride_pr, mask=o_mask[:, None] & r_mask[None, :], other=0.0)
+        gp = _dot(gt, pt, gp, IEEE, UPCAST)
+
+    lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
+    act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
+    dz = gp * scale  # ∂L/∂(xq ⊙ λ_eff)
+    u = dz * (lam * act)[None, :]  # ∂L/∂xq
+    if pid_s == 0:
+        m2 = row_mask[:, None] & r_mask[None, :]
+        xq = tl.load(xq_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0)
+        tl.store(dlam_ptr + pid_m * R + rr, tl.sum(dz * xq, axis=0), mask=r_mask)
+        tl.store(u_ptr + rows[:, None] * R + rr[None, :], u, mask=m2)
+
+    if WRITE_DX:
+        uc = _cast(u, q_ptr.dtype.element_ty, UPCAST)
+        for j in range(0, TILES_PER_PROG):
+            ks = (pid_s * TILES_PER_PROG + j) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = ks < IN
+            qt = tl.load(q_ptr + rr[:, None] * stride_qr + ks[None, :] * stride_qk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            upd = _dot(uc, qt, None, IEEE, UPCAST)
+            dx_ptrs = dx_ptr + rows[:, None] * stride_dxn + ks[None, :]
+            m = row_mask[:, None] & k_mask[None, :]
+            if ACCUM:
+                upd += tl.load(dx_ptrs, mask=m, other=0.0).to(tl.float32)
+            tl.store(dx_ptrs, _cast(upd, dx_ptr.dtype.element_ty, UPCAST), mask=m)
+
+
+@triton.jit
+def _tn_kernel(
+    a_ptr, b_ptr, lam_ptr, act_ptr, out_ptr,
+    N, C, R,
+    stride_an, stride_lam, stride_act, stride_os, stride_oc, stride_or,
+    scale,
+    ROWS_PER_SPLIT,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SCALE_B: tl.constexpr,
+):
+    """out[s, c, r] = Σ_{n in split s} A[n, c] · B'[n, r],  B' = (B ⊙ λ_eff)·s if SCALE_B else B.
+
+    A is [N, C] in the input dtype with unit column stride, B is [N, R] float32
+    contiguous. Split-N partials keep the reduction deterministic.
+    """
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cs < C
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+    if SCALE_B:
+        lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
+        act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
+        coef = lam * act
+    n_begin = pid_s.to(tl.int64) * ROWS_PER_SPLIT
+    n_end = tl.minimum(n_begin + ROWS_PER_SPLIT, N)
+    acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_mask = ns < n_end
+        at = tl.load(a_ptr + ns[:, None] * stride_an + cs[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + ns[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if SCALE_B:
+            bt = (bt * coef[None, :]) * scale
+        bt = _cast(bt, a_ptr.dtype.element_ty, UPCAST)
+        acc = _dot(tl.trans(at), bt, acc, IEEE, UPCAST)
+    out_ptrs = out_ptr + pid_s * stride_os + cs[:, None] * stride_oc + rr[None, :] * stride_or
+    tl.store(out_ptrs, acc, mask=c_mask[:, None] & r_mask[None, :])
+
+
+# --------------------------------------------------------------------------- launch helpers
+def _blocks_rows(n: int, br: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps) for the row-tiled kernels."""
+    if interpreting():  # few, large programs: the interpreter pays per program and per op
+        return max(16, min(64, triton.next_power_of_2(n))), 128, 128, 4
+    bm = max(16, min(64 if br <= 64 else 32, triton.next_power_of_2(n)))
+    return bm, 64, 64, 4 if br <= 32 else 8
+
+
+def _split(m_tiles: int, inner_tiles: int, device: torch.device) -> tuple[int, int]:
+    """Spread the inner tiles of a row tile over programs when there are few row tiles."""
+    want = max(1, triton.cdiv(2 * num_sms(device), m_tiles))
+    split = min(want, inner_tiles)
+    per = triton.cdiv(inner_tiles, split)
+    return triton.cdiv(inner_tiles, per), per
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, y: Tensor, store_xq: bool) -> Tensor | None:
+    """``y += s·((xa Qᵀ) ⊙ λ_eff) Pᵀ`` in place; returns ``xq = xa Qᵀ`` (float32 [N, r]) if asked."""
+    n, k = xa.shape
+    out, r = P.shape
+    br = rank_block(r)
+    bm, bk, bn, warps = _blocks_rows(n, br)
+    m_tiles = triton.cdiv(n, bm)
+    split, per = _split(m_tiles, triton.cdiv(out, bn), xa.device)
+    xq = torch.empty((n, r), dtype=torch.float32, device=xa.device) if store_xq else y
+    _fwd_kernel[(m_tiles, split)](
+        xa, Q, lam, active, P, y, xq,
+        n, k, out, r,
+        xa.stride(0), Q.stride(0), Q.stride(1), lam.stride(0), active.stride(0), P.stride(0), P.stride(1), y.stride(0),
+        float(scale), per,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
+        IEEE=_ieee(xa.dtype), UPCAST=_upcast(xa.dtype), STORE_XQ=store_xq, ACCUM=True,
+        num_warps=warps, enable_fp_fusion=True,
+    )
+    return xq if store_xq else None
+
+
+def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: float, out_t: bool) -> Tensor:
+    """float32 ``Aᵀ B'`` ([C, R], or [R, C] if ``out_t``) with split-N partials."""
+    n, c = a.shape
+    r = b.shape[1]
+    br = rank_block(r)
+    if interpreting():
+        bc, bnn, warps = 128, 64, 4
+    else:
+        bc, bnn, warps = (64 if br <= 64 else 32), 64, 4 if br <= 32 else 8
+    c_tiles = triton.cdiv(c, bc)
+    n_chunks = triton.cdiv(n, bnn)
+    split = max(1, min(triton.cdiv(2 * num_sms(a.device), c_tiles), n_chunks, 64))
+    rows_per = triton.cdiv(n_chunks, split) * bnn
+    split = triton.cdiv(n, rows_per)
+    shape = (split, r, c) if out_t else (split, c, r)
+    part = torch.empty(shape, dtype=torch.float32, device=a.device)
+    s_oc, s_or = (part.stride(2), part.stride(1)) if out_t else (part.stride(1), part.stride(2))
+    scale_b = lam is not None
+    _tn_kernel[(c_tiles, split)](
+        a, b, lam if scale_b else b, active if scale_b else b, part,
+        n, c, r,
+        a.stride(0), lam.stride(0) if scale_b else 0, active.stride(0) if scale_b else 0, part.stride(0), s_oc, s_or,
+        float(scale), rows_per,
+        BLOCK_C=bc, BLOCK_N=bnn, BLOCK_R=br,
+        IEEE=_ieee(a.dtype), UPCAST=_upcast(a.dtype), SCALE_B=scale_b,
+        num_warps=warps, enable_fp_fusion=True,
+    )
+    return part[0] if split == 1 else part.sum(0)
+
+
+def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> tuple[Tensor, Tensor]:
+    """Runs ``_bwd_dx``: returns (u float32 [N, r], dλ float32 [r]); adds/writes ``u Q`` into ``dx``."""
+    n, out = g.shape
+    r, k = Q.shape
+    br = rank_block(r)
+    bm, bk, bn, warps = _blocks_rows(n, br)
+    m_tiles = triton.cdiv(n, bm)
+    split, per = _split(m_tiles, triton.cdiv(k, bk), g.device) if dx is not None else (1, 0)
+    u = torch.empty((n, r), dtype=torch.float32, device=g.device)
+    dlam_part = torch.empty((m_tiles, r), dtype=torch.float32, device=g.device)
+    _bwd_dx_kernel[(m_tiles, split)](
+        g, P, Q, lam, active, xq, u, dlam_part, dx if dx is not None else u,
+        n, k, out, r,
+        g.stride(0), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), lam.stride(0), active.stride(0),
+        dx.stride(0) if dx is not None else 0,
+        float(scale), per,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
+        IEEE=_ieee(g.dtype), UPCAST=_upcast(g.dtype), WRITE_DX=dx is not None, ACCUM=accum,
+        num_warps=warps, enable_fp_fusion=True,
+    )
+    return u, dlam_part.sum(0)
+
+
+# --------------------------------------------------------------------------- autograd
+class AdapterLinearFunction(torch.autograd.Function):
+    """Base GEMM (cuBLAS) + fused adapter; inputs are 2-D. ``xd`` is dropout(x) or None."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale):
+        y = F.linear(x, weight, bias).contiguous()
+        xa = x if xd is None else xd
+        xq = _fwd(xa, P, lam, Q, active, scale, y, store_xq=True)
+        ctx.save_for_backward(x, xd, weight, P, lam, Q, active, xq)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xd, weight, P, lam, Q, active, xq = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b, need_p, need_lam, need_q = ctx.needs_input_grad[:7]
+        scale = ctx.scale
+        g = g.contiguous()
+        dx = dxd = dw = db = dP = dlam = dQ = None
+        if need_x:
+            dx = g @ weight  # cuBLAS; the adapter part is added in place below
+        if need_w:
+            dw = g.t() @ x
+        if need_b:
+            db = g.sum(0)
+        if need_p:
+            dP = _tn(g, xq, lam, active, scale, out_t=False).to(P.dtype)
+        if need_xd or need_lam or need_q or (need_x and xd is None):
+            if xd is None:
+                target, accum = (dx, True) if need_x else (None, False)
+            else:
+                dxd = torch.empty_like(xd) if need_xd else None
+                target, accum = dxd, False
+            u, dl = _bwd_dx(g, P, Q, lam, active, xq, scale, target, accum)
+            if need_lam:
+                dlam = (dl * active.to(dl.dtype)).to(lam.dtype)
+            if need_q:
+                dQ = _tn(x if xd is None else xd, u, None, None, 1.0, out_t=True).to(Q.dtype)
+        return dx, dxd, dw, db, dP, dlam, dQ, None, None
+
+
+# --------------------------------------------------------------------------- public op
+def adapter_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    P: Tensor,
+    lam: Tensor,
+    Q: Tensor,
+    active: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """``reference.adapter_linear`` with the Triton adapter kernels (same signature, same dropout draw)."""
+    check_device(x, weight, bias, P, lam, Q, active)
+    xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None  # first, as the reference does
+    in_features = x.shape[-1]
+    lead = x.shape[:-1]
+    out_features, r = P.shape
+    if x.numel() == 0 or r == 0:
+        from elalora_kernels import reference  # nothing to fuse
+
+        return reference.adapter_linear(x, weight, bias, P, lam, Q, active, scale, 0.0) if xd is None else (
+            F.linear(x, weight, bias) + scale * ((xd @ Q.t()) * (lam * active.to(lam.dtype))) @ P.t()
+        )
+    dtype = x.dtype
+    P, lam, Q = (t if t.dtype == dtype else t.to(dtype) for t in (P, lam, Q))
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    xd2 = None
+    if xd is not None:
+        xd2 = xd.reshape(-1, in_features)
+        if xd2.stride(1) != 1:
+            xd2 = xd2.contiguous()
+    tensors = (x2, xd2, weight, bias, P, lam, Q)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y = AdapterLinearFunction.apply(x2, xd2, weight, bias, P, lam, Q, active, float(scale))
+    else:
+        y = F.linear(x2, weight, bias).contiguous()
+        _fwd(x2 if xd2 is None else xd2, P, lam, Q, active, scale, y, store_xq=False)
+    return y.reshape(*lead, out_features)
