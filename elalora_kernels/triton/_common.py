@@ -37,3 +37,15 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small number keeps the program count (and the test time) low
+
+
+# Tests set this to True: every buffer the backend allocates for a kernel to
+# fill starts as NaN (integers: -1), so an element a kernel fails to write shows.
+POISON = False
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import check_device, interpreting, num_sms, rank_block
 
 
@@ -235,7 +236,7 @@ def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: f
     bm, bk, bn, warps = _blocks_rows(n, br)
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(out, bn), xa.device)
-    xq = torch.empty((n, r), dtype=torch.float32, device=xa.device) if store_xq else y
+    xq = _common.empty((n, r), torch.float32, xa.device) if store_xq else y
     _fwd_kernel[(m_tiles, split)](
         xa, Q, lam, active, P, y, xq,
         n, k, out, r,
@@ -263,7 +264,7 @@ def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: 
     rows_per = triton.cdiv(n_chunks, split) * bnn
     split = triton.cdiv(n, rows_per)
     shape = (split, r, c) if out_t else (split, c, r)
-    part = torch.empty(shape, dtype=torch.float32, device=a.device)
+    part = _common.empty(shape, torch.float32, a.device)
     s_oc, s_or = (part.stride(2), part.stride(1)) if out_t else (part.stride(1), part.stride(2))
     scale_b = lam is not None
     _tn_kernel[(c_tiles, split)](
@@ -286,8 +287,8 @@ def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> 
     bm, bk, bn, warps = _blocks_rows(n, br)
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(k, bk), g.device) if dx is not None else (1, 0)
-    u = torch.empty((n, r), dtype=torch.float32, device=g.device)
-    dlam_part = torch.empty((m_tiles, r), dtype=torch.float32, device=g.device)
+    u = _common.empty((n, r), torch.float32, g.device)
+    dlam_part = _common.empty((m_tiles, r), torch.float32, g.device)
     _bwd_dx_kernel[(m_tiles, split)](
         g, P, Q, lam, active, xq, u, dlam_part, dx if dx is not None else u,
         n, k, out, r,
@@ -333,7 +334,7 @@ class AdapterLinearFunction(torch.autograd.Function):
             if xd is None:
                 target, accum = (dx, True) if need_x else (None, False)
             else:
-                dxd = torch.empty_like(xd) if need_xd else None
+                dxd = _common.empty(xd.shape, xd.dtype, xd.device) if need_xd else None
                 target, accum = dxd, False
             u, dl = _bwd_dx(g, P, Q, lam, active, xq, scale, target, accum)
             if need_lam:

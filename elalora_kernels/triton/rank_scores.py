@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import check_device, interpreting, rank_block
 
 
@@ -94,7 +95,7 @@ def rank_scores(
         addrs += [t.data_ptr() for t in ts] + [n_out, n_in]
     device = ipt[0][1].device
     table = torch.tensor(addrs, dtype=torch.int64).to(device)
-    out = torch.empty((len(ipt), r), dtype=torch.float32, device=device)
+    out = _common.empty((len(ipt), r), torch.float32, device)
     if r == 0:
         return out
     br = rank_block(r)
