@@ -1,2 +1,23 @@
-"""CPU backend (placeholder until the C++ extension lands: runs the reference ops)."""
-from ..reference import adapter_linear, orth_penalty, rank_scores, score_ema_update  # noqa: F401
+"""CPU backend: the C++ extension where it pays, torch ops elsewhere.
+
+* ``score_ema_update``: one OpenMP pass of ``elalora_kernels._C`` over every
+  tensor (vectorised torch fallback, with one warning, when it is not built);
+* ``adapter_linear``: one autograd op with a hand-written backward;
+* ``rank_scores`` / ``orth_penalty``: batched over matrices of equal shape.
+
+Every op has the signature of its :mod:`elalora_kernels.reference` twin.
+"""
+from .._extension import available as extension_available
+from ..batched import orth_penalty, rank_scores
+from .adapter_linear import AdapterLinearFunction, adapter_linear
+from .score_ema import score_ema_update, torch_score_ema_update
+
+__all__ = [
+    "AdapterLinearFunction",
+    "adapter_linear",
+    "extension_available",
+    "orth_penalty",
+    "rank_scores",
+    "score_ema_update",
+    "torch_score_ema_update",
+]

@@ -1,0 +1,197 @@
+// ALGORITHM.md §2 on the CPU: the importance score + EMA update of every
+// adapter tensor of a model in one OpenMP-parallel pass.
+//
+// For each element, with w the parameter and g its gradient:
+//     ipt = |w·g|                                   (float32)
+//     Ī  ← β1·Ī + (1−β1)·ipt
+//     Ū  ← β2·Ū + (1−β2)·|ipt − Ī_new|
+// An element whose ipt is not finite keeps its Ī, Ū and is counted.
+//
+// The arithmetic is the reference's, operation for operation, in float32 with
+// the scalars rounded to float as torch rounds a Python scalar for a float32
+// tensor; -ffp-contract=off (setup.py) forbids fused multiply-adds, so the
+// result is bit-identical to elalora_kernels.reference.score_ema_update.
+//
+// All tensors are concatenated into one virtual range of elements which is
+// split evenly over the threads (a thread's slice may span many small tensors
+// or part of one large one), so the pass is balanced whatever the mix of sizes.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum class Kind : int8_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct Segment {
+  const void* w;
+  const void* g;
+  float* ipt;
+  float* unc;
+  int64_t n;
+  Kind wk, gk;
+};
+
+struct Coeffs {
+  float b1, omb1, b2, omb2;
+};
+
+template <typename W, typename G>
+int64_t update(const W* __restrict__ w, const G* __restrict__ g, float* __restrict__ ipt, float* __restrict__ unc,
+               int64_t n, Coeffs c) {
+  int64_t skipped = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = std::fabs(static_cast<float>(w[i]) * static_cast<float>(g[i]));
+    const float ie = ipt[i];
+    const float ue = unc[i];
+    const float ni = c.b1 * ie + c.omb1 * p;
+    const float nu = c.b2 * ue + c.omb2 * std::fabs(p - ni);
+    const bool ok = p <= FLT_MAX;  // false for +inf and NaN (p is an absolute value)
+    ipt[i] = ok ? ni : ie;
+    unc[i] = ok ? nu : ue;
+    skipped += ok ? 0 : 1;
+  }
+  return skipped;
+}
+
+template <typename W>
+int64_t update_w(const Segment& s, int64_t lo, int64_t hi, Coeffs c) {
+  const W* w = static_cast<const W*>(s.w) + lo;
+  float* ipt = s.ipt + lo;
+  float* unc = s.unc + lo;
+  const int64_t n = hi - lo;
+  switch (s.gk) {
+    case Kind::F32: return update(w, static_cast<const float*>(s.g) + lo, ipt, unc, n, c);
+    case Kind::BF16: return update(w, static_cast<const c10::BFloat16*>(s.g) + lo, ipt, unc, n, c);
+    case Kind::F16: return update(w, static_cast<const c10::Half*>(s.g) + lo, ipt, unc, n, c);
+  }
+  return 0;
+}
+
+int64_t update_segment(const Segment& s, int64_t lo, int64_t hi, Coeffs c) {
+  switch (s.wk) {
+    case Kind::F32: return update_w<float>(s, lo, hi, c);
+    case Kind::BF16: return update_w<c10::BFloat16>(s, lo, hi, c);
+    case Kind::F16: return update_w<c10::Half>(s, lo, hi, c);
+  }
+  return 0;
+}
+
+Kind kind_of(const at::Tensor& t, const char* what, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Kind::F32;
+    case at::kBFloat16: return Kind::BF16;
+    case at::kHalf: return Kind::F16;
+    default: TORCH_CHECK(false, "score_ema_update: ", what, "[", i, "] must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// Below this many elements in all, one thread does the whole pass (waking the
+// pool costs more than it saves); each extra thread gets at least kPerThread.
+constexpr int64_t kSerial = 1 << 15;
+constexpr int64_t kPerThread = 1 << 14;
+constexpr int64_t kAlign = 16;  // 64 bytes of float32: thread slices do not share cache lines
+
+int64_t score_ema_update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& ema_ipt, const std::vector<at::Tensor>& ema_unc, double beta1,
+                         double beta2) {
+  const size_t m = params.size();
+  TORCH_CHECK(grads.size() == m && ema_ipt.size() == m && ema_unc.size() == m,
+              "score_ema_update: params, grads, ema_ipt and ema_unc must have the same length (got ", m, ", ",
+              grads.size(), ", ", ema_ipt.size(), ", ", ema_unc.size(), ")");
+  // Contiguous stand-ins for strided inputs; strided EMAs are written back after the pass.
+  std::vector<at::Tensor> keep;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
+  std::vector<Segment> segs;
+  std::vector<int64_t> offsets{0};
+  segs.reserve(m);
+  offsets.reserve(m + 1);
+  for (size_t i = 0; i < m; ++i) {
+    const at::Tensor* ts[4] = {&params[i], &grads[i], &ema_ipt[i], &ema_unc[i]};
+    const int64_t n = params[i].numel();
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK(ts[k]->defined(), "score_ema_update: undefined tensor at index ", i);
+      TORCH_CHECK(ts[k]->device().is_cpu(), "score_ema_update: CPU tensors expected (index ", i, ")");
+      TORCH_CHECK(ts[k]->numel() == n, "score_ema_update: tensors at index ", i, " differ in size");
+    }
+    TORCH_CHECK(ema_ipt[i].scalar_type() == at::kFloat && ema_unc[i].scalar_type() == at::kFloat,
+                "score_ema_update: EMAs must be float32 (index ", i, ")");
+    if (n == 0) continue;
+    Segment s;
+    s.wk = kind_of(params[i], "params", i);
+    s.gk = kind_of(grads[i], "grads", i);
+    at::Tensor w = params[i].is_contiguous() ? params[i] : params[i].contiguous();
+    at::Tensor g = grads[i].is_contiguous() ? grads[i] : grads[i].contiguous();
+    at::Tensor a = ema_ipt[i], u = ema_unc[i];
+    if (!a.is_contiguous()) {
+      write_back.emplace_back(a, a.contiguous());
+      a = write_back.back().second;
+    }
+    if (!u.is_contiguous()) {
+      write_back.emplace_back(u, u.contiguous());
+      u = write_back.back().second;
+    }
+    keep.push_back(w);
+    keep.push_back(g);
+    s.w = w.data_ptr();
+    s.g = g.data_ptr();
+    s.ipt = a.data_ptr<float>();
+    s.unc = u.data_ptr<float>();
+    s.n = n;
+    segs.push_back(s);
+    offsets.push_back(offsets.back() + n);
+  }
+  const int64_t total = offsets.back();
+  const Coeffs c{static_cast<float>(beta1), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+                 static_cast<float>(1.0 - beta2)};
+  int64_t skipped = 0;
+  if (total > 0) {
+    int64_t nthreads = 1;
+    if (total >= kSerial && !omp_in_parallel()) {
+      nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kPerThread));
+    }
+    const int64_t nseg = static_cast<int64_t>(segs.size());
+    auto run = [&](int64_t begin, int64_t end) -> int64_t {
+      int64_t count = 0;
+      // First segment that ends after `begin`.
+      int64_t i = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+      for (; i < nseg && offsets[i] < end; ++i) {
+        const int64_t lo = std::max(begin, offsets[i]) - offsets[i];
+        const int64_t hi = std::min(end, offsets[i + 1]) - offsets[i];
+        count += update_segment(segs[i], lo, hi, c);
+      }
+      return count;
+    };
+    pybind11::gil_scoped_release no_gil;
+    if (nthreads == 1) {
+      skipped = run(0, total);
+    } else {
+#pragma omp parallel num_threads(static_cast<int>(nthreads)) reduction(+ : skipped)
+      {
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        auto cut = [&](int64_t k) { return k == T ? total : (total * k / T) / kAlign * kAlign; };
+        skipped += run(cut(t), cut(t + 1));
+      }
+    }
+  }
+  for (auto& [dst, src] : write_back) dst.copy_(src);
+  return skipped;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "elalora C++ CPU kernels";
+  m.def("score_ema_update", &score_ema_update, pybind11::arg("params"), pybind11::arg("grads"),
+        pybind11::arg("ema_ipt"), pybind11::arg("ema_unc"), pybind11::arg("beta1"), pybind11::arg("beta2"),
+        "ALGORITHM §2 over every tensor in one parallel pass; returns the number of non-finite elements skipped.");
+}

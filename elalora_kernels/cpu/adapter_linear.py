@@ -1,0 +1,121 @@
+"""ALGORITHM §1 as one autograd op with a hand-written backward.
+
+    y = x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ (λ·active)) Pᵀ
+
+Written in torch ops only, so it serves any device (it is the CPU backend's
+op and the CUDA fallback when Triton is missing). Per call, with N rows, r
+slots, c = s·λ·active (r numbers):
+
+forward   h  = xₐ Qᵀ                (N×r, saved)
+          y  = bias + x W0ᵀ          (addmm: the base output)
+          y += (h ⊙ c) Pᵀ            (addmm_ into y: no N×out temporary)
+backward  gP = g P                   (N×r, computed once)
+          dλ = s·active ⊙ Σₙ gP ⊙ h
+          dP = gᵀ (h ⊙ c)
+          dQ = (gP ⊙ c)ᵀ xₐ
+          dx = g W0 + (gP ⊙ c) Q     (addmm_ into one buffer; ⊙ dropout noise first when p > 0)
+
+xₐ is x, or dropout(x) drawn exactly as ``F.dropout(x, p, training=True)``
+draws it (same RNG stream, same mask for one seed) as the first random op.
+
+Under ``torch.autocast`` every operand is cast to the autocast dtype (as
+autocast casts an ``nn.Linear``) and the op runs in that dtype, so the output
+is in the autocast dtype, like PEFT's LoRA layers. (The eager reference,
+whose ``⊙ λ`` is not an autocast op, promotes its output to float32 there.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class AdapterLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, P, lam, Q, active, scale, dropout_p):
+        in_features, out_features = weight.shape[1], weight.shape[0]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, in_features)
+        if dropout_p > 0:
+            # F.dropout(x) on CPU is x * noise with noise = bernoulli(1-p)/(1-p) drawn on
+            # empty_like(x); dropping out a ones_like(x) draws the same noise from the same
+            # stream, and keeps it for the backward.
+            noise = F.dropout(torch.ones_like(x), dropout_p, training=True)
+            xa = (x * noise).reshape(-1, in_features)
+            noise = noise.reshape(-1, in_features)
+        else:
+            noise = None
+            xa = x2
+        coeff = lam * active.to(lam.dtype) * scale  # [r]: s·λ·active
+        h = torch.mm(xa, Q.t())  # N×r
+        if bias is not None:
+            y = torch.addmm(bias, x2, weight.t())
+        else:
+            y = torch.mm(x2, weight.t())
+        y.addmm_(h * coeff, P.t())
+
+        ctx.save_for_backward(
+            xa if (ctx.needs_input_grad[5] or ctx.needs_input_grad[1]) else None,
+            x2 if ctx.needs_input_grad[1] and noise is not None else None,
+            noise,
+            h,
+            weight if ctx.needs_input_grad[0] else None,
+            P,
+            Q if ctx.needs_input_grad[0] else None,
+            coeff,
+            active,
+        )
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*lead, out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xa, x_raw, noise, h, weight, P, Q, coeff, active = ctx.saved_tensors
+        need_x, need_w, need_b, need_p, need_lam, need_q = ctx.needs_input_grad[:6]
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = gp = glam = gq = None
+
+        gP = torch.mm(g, P)  # N×r, the one product every adapter gradient derives from
+        gh = gP * coeff  # ∂L/∂h
+        if need_lam:
+            glam = (gP * h).sum(0).mul_(ctx.scale).mul_(active.to(gP.dtype))
+        if need_p:
+            gp = torch.mm(g.t(), h * coeff)
+        if need_q:
+            gq = torch.mm(gh.t(), xa)
+        if need_x:
+            gx = torch.mm(g, weight)
+            if noise is None:
+                gx.addmm_(gh, Q)
+            else:
+                gx.add_(torch.mm(gh, Q).mul_(noise))
+            gx = gx.view(ctx.x_shape)
+        if need_w:  # only when someone unfroze W0
+            gw = torch.mm(g.t(), x_raw if x_raw is not None else xa)
+        if need_b and ctx.has_bias:
+            gb = g.sum(0)
+        return gx, gw, gb, gp, glam, gq, None, None, None
+
+
+def adapter_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    P: Tensor,
+    lam: Tensor,
+    Q: Tensor,
+    active: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Same signature and meaning as :func:`elalora_kernels.reference.adapter_linear`."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, P, lam, Q = (t.to(dtype) for t in (x, weight, P, lam, Q))
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return AdapterLinearFunction.apply(x, weight, bias, P, lam, Q, active, float(scale), float(dropout_p))
+    return AdapterLinearFunction.apply(x, weight, bias, P, lam, Q, active, float(scale), float(dropout_p))
