@@ -17,9 +17,16 @@ Arithmetic is float32 in the reference's order, ``β·Ī + (1−β)·ipt``, with
 scalars rounded to float32 as torch rounds them, and FMA contraction disabled
 at launch: float32 results are bit-identical to ``reference.score_ema_update``.
 A non-finite ``|w·g|`` keeps its EMAs and is counted (one atomic per program).
+
+The same tables drive the plain-CUDA kernel of ``csrc/cuda/score_ema.cu``
+(``elalora_kernels._C_cuda``, built when torch has CUDA); it is used instead
+of the Triton kernel when ``ELALORA_SCORE_EMA=cuda`` (``benchmarks/gpu.py``
+times both, so the faster one can be made the default from a measurement).
 """
 from __future__ import annotations
 
+import importlib
+import os
 from collections import OrderedDict
 from typing import Sequence
 
@@ -173,6 +180,21 @@ def _kernel_ok(w: Tensor, g: Tensor, i: Tensor, u: Tensor) -> bool:
     )
 
 
+_CUDA_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cuda/score_ema.h
+
+
+def cuda_extension():
+    """``elalora_kernels._C_cuda`` if it was built, else None."""
+    try:
+        return importlib.import_module("elalora_kernels._C_cuda")
+    except ImportError:
+        return None
+
+
+def _use_cuda_extension(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("ELALORA_SCORE_EMA", "triton") == "cuda" and cuda_extension() is not None
+
+
 def score_ema_update_async(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -196,8 +218,14 @@ def score_ema_update_async(
             continue
         groups.setdefault((w.dtype, g.dtype, w.device), []).append((w, g, i, u))
     b1, b2 = float(beta1), float(beta2)
-    for group in groups.values():
+    for (w_dtype, g_dtype, dev), group in groups.items():
         plan = _plan(group)
+        if _use_cuda_extension(dev):
+            cuda_extension().score_ema_launch(
+                plan.ptrs, plan.numels, plan.blocks, count, _CUDA_DTYPE[w_dtype], _CUDA_DTYPE[g_dtype],
+                plan.aligned, b1, 1.0 - b1, b2, 1.0 - b2,
+            )
+            continue
         _score_ema_kernel[(plan.nblocks,)](
             plan.ptrs,
             plan.numels,
