@@ -1,0 +1,57 @@
+"""ElaLoRAConfig validation: each invalid value fails at construction, naming the field and the rule."""
+import pytest
+
+from elalora import ElaLoRAConfig
+
+
+def test_defaults():
+    config = ElaLoRAConfig()
+    assert config.r_max == 2 * config.r
+    assert config.beta1 == config.beta2 == 0.85
+    assert config.scale == config.lora_alpha / config.r
+
+
+@pytest.mark.parametrize(
+    "changes,field,rule",
+    [
+        ({"r": 0}, "r", ">= 1"),
+        ({"r": 2.5}, "r", "int"),
+        ({"r": 4, "r_max": 3}, "r_max", ">= r"),
+        ({"lora_alpha": 0}, "lora_alpha", "> 0"),
+        ({"lora_dropout": 1.0}, "lora_dropout", "[0, 1)"),
+        ({"lora_dropout": -0.1}, "lora_dropout", "[0, 1)"),
+        ({"beta1": 1.0}, "beta1", "(0, 1)"),
+        ({"beta2": 0.0}, "beta2", "(0, 1)"),
+        ({"b": -1}, "b", ">= 0"),
+        ({"k": 0}, "k", ">= 1"),
+        ({"t_init": -1}, "t_init", ">= 0"),
+        ({"t_final": -5}, "t_final", ">= 0"),
+        ({"mask_interval": 0}, "mask_interval", ">= 1"),
+        ({"total_steps": 0}, "total_steps", ">= 1"),
+        ({"t_init": 50, "t_final": 50, "total_steps": 100}, "total_steps", "t_init + t_final must be < total_steps"),
+        ({"rank_scheduler": 1}, "rank_scheduler", "bool"),
+        ({"orth_reg": -0.1}, "orth_reg", ">= 0"),
+        ({"target_modules": []}, "target_modules", "non-empty"),
+        ({"target_modules": ""}, "target_modules", "empty"),
+        ({"seed": None}, "seed", "int"),
+    ],
+)
+def test_invalid_values_name_field_and_rule(changes, field, rule):
+    with pytest.raises(ValueError) as info:
+        ElaLoRAConfig(**changes)
+    message = str(info.value)
+    assert f"ElaLoRAConfig.{field} " in message and rule in message
+
+
+def test_round_trip_through_dict():
+    config = ElaLoRAConfig(r=3, target_modules=["query", "key"], total_steps=1000)
+    assert ElaLoRAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        ElaLoRAConfig.from_dict({**config.to_dict(), "rank": 3})
+
+
+def test_replace_validates():
+    config = ElaLoRAConfig(t_init=10, t_final=10)
+    assert config.replace(total_steps=21).total_steps == 21
+    with pytest.raises(ValueError, match="total_steps"):
+        config.replace(total_steps=20)

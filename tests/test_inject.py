@@ -1,0 +1,75 @@
+"""inject: which modules get adapters, what stays frozen, and failure cases."""
+import pytest
+import torch
+import torch.nn as nn
+
+from elalora import ElaLoRAConfig, ElaLoRALinear, adapter_layers, inject, merge, unmerge
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(8, 8)
+        self.key = nn.Linear(8, 8)
+        self.value = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.query(x) + self.key(x) + self.value(x))
+
+
+def _model():
+    return nn.Sequential(Block(), Block(), nn.Linear(8, 2))
+
+
+def test_inject_by_suffix_freezes_everything_else():
+    model = _model()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    names = inject(model, ElaLoRAConfig(r=2, target_modules=("query", "value")))
+    assert names == ["0.query", "0.value", "1.query", "1.value"]
+    assert [n for n, _ in adapter_layers(model)] == names
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{n}.{p}" for n in names for p in ("lora_P", "lora_lam", "lora_Q"))
+    torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+    # State-dict keys of the frozen weights are unchanged, so pretrained weights still load.
+    assert "0.query.weight" in model.state_dict()
+
+
+def test_inject_by_regex_and_seeded_init():
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    config = ElaLoRAConfig(r=2, target_modules=r"\d\.(key|query)", seed=7)
+    assert inject(a, config) == ["0.query", "0.key", "1.query", "1.key"]
+    inject(b, config)
+    for (_, la), (_, lb) in zip(adapter_layers(a), adapter_layers(b)):
+        assert torch.equal(la.lora_P, lb.lora_P) and torch.equal(la.lora_Q, lb.lora_Q)
+
+
+def test_inject_nothing_matched_names_the_layers():
+    with pytest.raises(ValueError, match="matched no nn.Linear.*0.query"):
+        inject(_model(), ElaLoRAConfig(target_modules=("attention",)))
+
+
+def test_inject_twice_and_wrong_config():
+    model = _model()
+    inject(model, ElaLoRAConfig(target_modules=("query",)))
+    with pytest.raises(ValueError, match="already holds"):
+        inject(model, ElaLoRAConfig(target_modules=("key",)))
+    with pytest.raises(TypeError, match="ElaLoRAConfig"):
+        inject(_model(), {"r": 2})
+
+
+def test_model_merge_unmerge():
+    model = _model()
+    inject(model, ElaLoRAConfig(r=2, target_modules=("query", "key", "value")))
+    for _, layer in adapter_layers(model):
+        nn.init.normal_(layer.lora_lam)
+    x = torch.randn(4, 8)
+    expected = model(x)
+    merge(model)
+    assert all(layer.merged for _, layer in adapter_layers(model))
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert all(isinstance(m, ElaLoRALinear) for _, m in adapter_layers(model))
