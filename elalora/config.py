@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -12,6 +14,11 @@ def _fail(name: str, rule: str, value) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A real, finite number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,8 @@ class ElaLoRAConfig:
             _fail("r", "must be >= 1", self.r)
         if self.r_max < self.r:
             _fail("r_max", f"must be >= r = {self.r}", self.r_max)
-        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
-            _fail("lora_alpha", "must be a number > 0", self.lora_alpha)
+        if not (_is_number(self.lora_alpha) and self.lora_alpha > 0):
+            _fail("lora_alpha", "must be a finite number > 0", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             _fail("lora_dropout", "must be in [0, 1)", self.lora_dropout)
         for name in ("beta1", "beta2"):
@@ -87,12 +94,16 @@ class ElaLoRAConfig:
                 )
         if not isinstance(self.rank_scheduler, bool):
             _fail("rank_scheduler", "must be a bool", self.rank_scheduler)
-        if not (isinstance(self.orth_reg, (int, float)) and self.orth_reg >= 0):
-            _fail("orth_reg", "must be a number >= 0", self.orth_reg)
+        if not (_is_number(self.orth_reg) and self.orth_reg >= 0):
+            _fail("orth_reg", "must be a finite number >= 0", self.orth_reg)
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
                 _fail("target_modules", "must not be empty", targets)
+            try:
+                re.compile(targets)
+            except re.error as err:
+                _fail("target_modules", f"is not a valid regex ({err})", targets)
         elif not (
             isinstance(targets, tuple) and targets and all(isinstance(t, str) and t for t in targets)
         ):
