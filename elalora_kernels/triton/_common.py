@@ -36,7 +36,7 @@ def check_device(*tensors) -> None:
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a small number keeps the program count (and the test time) low
+    return 4  # interpreter: a small number keeps the program count (and the test time) low, yet splits
 
 
 # Tests set this to True: every buffer the backend allocates for a kernel to

@@ -205,16 +205,27 @@ def _tn_kernel(
 
 # --------------------------------------------------------------------------- launch helpers
 def _blocks_rows(n: int, br: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps) for the row-tiled kernels."""
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps) for the row-tiled kernels.
+
+    These kernels stream the N×out output (N×in for dx) once: they are
+    memory-bound, so on a GPU the row tile is kept small (many programs in
+    flight per SM, inner loops software-pipelined) rather than MMA-shaped.
+    Not tuned on hardware yet: ``benchmarks/gpu.py`` is where to tune them.
+    """
     if interpreting():  # few, large programs: the interpreter pays per program and per op
         return max(16, min(64, triton.next_power_of_2(n))), 128, 128, 4
-    bm = max(16, min(64 if br <= 64 else 32, triton.next_power_of_2(n)))
-    return bm, 64, 64, 4 if br <= 32 else 8
+    bm = max(16, min(32 if br <= 64 else 16, triton.next_power_of_2(n)))
+    return bm, 64, 128, 4 if br <= 64 else 8
 
 
 def _split(m_tiles: int, inner_tiles: int, device: torch.device) -> tuple[int, int]:
-    """Spread the inner tiles of a row tile over programs when there are few row tiles."""
-    want = max(1, triton.cdiv(2 * num_sms(device), m_tiles))
+    """(programs per row tile, inner tiles per program).
+
+    With fewer row tiles than SMs (small N: decoding, tiny batches) the inner
+    tiles of a row tile are spread over several programs, each recomputing
+    its small N×r product, so that the whole GPU streams the output.
+    """
+    want = max(1, triton.cdiv(num_sms(device), m_tiles))
     split = min(want, inner_tiles)
     per = triton.cdiv(inner_tiles, split)
     return triton.cdiv(inner_tiles, per), per

@@ -74,6 +74,7 @@ for dt, aligned in (("fp32", True), ("fp32", False), ("bf16", True)):
 for dt, br in (("fp32", 16), ("bf16", 64), ("fp16", 16)):  # a few representative configurations
     p = "*" + dt
     if True:
+        bm, bk, bn, warps = al._blocks_rows(8192, br)  # the launch configuration a GPU would get
         ieee = dt == "fp32"
         common = {"IEEE": ieee, "UPCAST": False}
         sig = {"x_ptr": p, "q_ptr": p, "lam_ptr": p, "act_ptr": "*i1", "p_ptr": p, "y_ptr": p, "xq_ptr": "*fp32",
@@ -81,15 +82,15 @@ for dt, br in (("fp32", 16), ("bf16", 64), ("fp16", 16)):  # a few representativ
                "stride_xn": "i32", "stride_qr": "i32", "stride_qk": "i32", "stride_lam": "i32", "stride_act": "i32",
                "stride_po": "i32", "stride_pr": "i32", "stride_yn": "i32", "scale": "fp32", "TILES_PER_PROG": "i32"}
         ptxs = [compile_(f"adapter fwd {dt} BLOCK_R={br}", al._fwd_kernel, sig,
-                         {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_R": br, **common,
-                          "STORE_XQ": True, "ACCUM": True}, ptr_args=("x_ptr", "y_ptr", "xq_ptr"))]
+                         {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br, **common,
+                          "STORE_XQ": True, "ACCUM": True}, num_warps=warps, ptr_args=("x_ptr", "y_ptr", "xq_ptr"))]
         sig = {"g_ptr": p, "p_ptr": p, "q_ptr": p, "lam_ptr": p, "act_ptr": "*i1", "xq_ptr": "*fp32", "u_ptr": "*fp32",
                "dlam_ptr": "*fp32", "dx_ptr": p, "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32",
                "stride_gn": "i32", "stride_po": "i32", "stride_pr": "i32", "stride_qr": "i32", "stride_qk": "i32",
                "stride_lam": "i32", "stride_act": "i32", "stride_dxn": "i32", "scale": "fp32", "TILES_PER_PROG": "i32"}
         ptxs.append(compile_(f"adapter bwd dx {dt} BLOCK_R={br}", al._bwd_dx_kernel, sig,
-                             {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_R": br, **common,
-                              "WRITE_DX": True, "ACCUM": True}, ptr_args=("g_ptr", "dx_ptr")))
+                             {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br, **common,
+                              "WRITE_DX": True, "ACCUM": True}, num_warps=warps, ptr_args=("g_ptr", "dx_ptr")))
         sig = {"a_ptr": p, "b_ptr": "*fp32", "lam_ptr": p, "act_ptr": "*i1", "out_ptr": "*fp32", "N": "i32", "C": "i32",
                "R": "i32", "stride_an": "i32", "stride_lam": "i32", "stride_act": "i32", "stride_os": "i32",
                "stride_oc": "i32", "stride_or": "i32", "scale": "fp32", "ROWS_PER_SPLIT": "i32"}
