@@ -1,6 +1,8 @@
 """ElaLoRALinear: a drop-in nn.Linear with an elastic-rank SVD-form adapter."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +37,13 @@ class ElaLoRALinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        if not all(_is_int(n) and n >= 1 for n in (in_features, out_features)):
+            raise ValueError(
+                "ElaLoRALinear: in_features and out_features must be ints >= 1 "
+                f"(got {in_features!r}, {out_features!r})"
+            )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"ElaLoRALinear: dtype must be a floating point dtype (got {dtype!r})")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, r, r_max, lora_alpha, lora_dropout, generator)
 
@@ -59,12 +68,18 @@ class ElaLoRALinear(nn.Module):
 
     def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator) -> None:
         r_max = 2 * r if r_max is None else r_max
-        if not (isinstance(r, int) and r >= 1):
+        if not (_is_int(r) and r >= 1):
             raise ValueError(f"ElaLoRALinear: r must be an int >= 1 (got {r!r})")
-        if not (isinstance(r_max, int) and r_max >= r):
+        if not (_is_int(r_max) and r_max >= r):
             raise ValueError(f"ElaLoRALinear: r_max must be an int >= r = {r} (got {r_max!r})")
-        if not 0 <= lora_dropout < 1:
+        if not (_is_number(lora_alpha) and lora_alpha > 0):
+            raise ValueError(f"ElaLoRALinear: lora_alpha must be a finite number > 0 (got {lora_alpha!r})")
+        if not (_is_number(lora_dropout) and 0 <= lora_dropout < 1):
             raise ValueError(f"ElaLoRALinear: lora_dropout must be in [0, 1) (got {lora_dropout!r})")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"ElaLoRALinear: generator must be a torch.Generator or None (got {type(generator).__name__})"
+            )
         if not weight.is_floating_point():
             raise TypeError(f"ElaLoRALinear: weight must be floating point (got {weight.dtype})")
         out_features, in_features = weight.shape
@@ -96,8 +111,8 @@ class ElaLoRALinear(nn.Module):
 
     def set_active_rank(self, rank: int) -> None:
         """Mark slots ``[0, rank)`` active (the allocator keeps them packed)."""
-        if not 1 <= rank <= self.r_max:
-            raise ValueError(f"active rank must be in [1, {self.r_max}] (got {rank})")
+        if not (_is_int(rank) and 1 <= rank <= self.r_max):
+            raise ValueError(f"active rank must be an int in [1, {self.r_max}] (got {rank!r})")
         with torch.no_grad():
             self.active.zero_()
             self.active[:rank] = True
@@ -105,6 +120,7 @@ class ElaLoRALinear(nn.Module):
 
     # -------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         # Under torch.compile use every slot with the mask, so that a change of
@@ -121,6 +137,25 @@ class ElaLoRALinear(nn.Module):
             self.scale,
             self.lora_dropout if self.training else 0.0,
         )
+
+    def _check_input(self, x) -> None:
+        """Reject what F.linear would reject with a cryptic message (or silently accept)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"ElaLoRALinear: input must be a torch.Tensor (got {type(x).__name__})")
+        if not x.is_floating_point():
+            raise TypeError(f"ElaLoRALinear: input must be a floating point tensor (got {x.dtype})")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"ElaLoRALinear: input's last dimension must be in_features = {self.in_features} "
+                f"(got shape {tuple(x.shape)})"
+            )
+        if x.device != self.weight.device:
+            raise ValueError(f"ElaLoRALinear: input is on {x.device} but the layer is on {self.weight.device}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"ElaLoRALinear: input dtype {x.dtype} does not match the layer's {self.weight.dtype} "
+                "(cast the input, or run under torch.autocast for mixed precision)"
+            )
 
     # ---------------------------------------------------------------- merge
     def delta_weight(self) -> Tensor:
@@ -151,6 +186,14 @@ class ElaLoRALinear(nn.Module):
             f"bias={self.bias is not None}, rank={self._rank}/{self.r_max}, "
             f"scale={self.scale:g}, dropout={self.lora_dropout:g}, merged={self.merged}"
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _refresh_rank_after_load(layer: ElaLoRALinear, incompatible_keys) -> None:
