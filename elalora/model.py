@@ -25,6 +25,8 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
     the adapters' P, λ, Q is frozen. Returns the adapted names in model order.
     Adapter initialisation draws from a generator seeded with ``config.seed``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject expects an nn.Module as model, got {type(model).__name__}")
     if not isinstance(config, ElaLoRAConfig):
         raise TypeError(f"inject expects an ElaLoRAConfig, got {type(config).__name__}")
     if any(isinstance(m, ElaLoRALinear) for m in model.modules()):
