@@ -75,8 +75,14 @@ class RankAllocator:
         optimizer: torch.optim.Optimizer | None = None,
         total_steps: int | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"RankAllocator expects an nn.Module as model, got {type(model).__name__}")
         if not isinstance(config, ElaLoRAConfig):
             raise TypeError(f"RankAllocator expects an ElaLoRAConfig, got {type(config).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"RankAllocator: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
         total_steps = total_steps if total_steps is not None else config.total_steps
         if total_steps is None:
             raise ValueError("RankAllocator: total_steps is required (pass it or set config.total_steps)")
@@ -99,6 +105,19 @@ class RankAllocator:
         self.generator = torch.Generator().manual_seed(config.seed)
 
         self.params: list[Tensor] = [p for layer in self.layers for p in _slot_params(layer)]
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [
+                f"{name}.{attr}"
+                for name, layer in zip(self.names, self.layers)
+                for attr, p in zip(("lora_P", "lora_lam", "lora_Q"), _slot_params(layer))
+                if id(p) not in held
+            ]
+            if missing:
+                raise ValueError(
+                    f"RankAllocator: optimizer does not hold {len(missing)} adapter parameters "
+                    f"(first: {missing[:3]}); pass the optimizer that trains this model's adapters"
+                )
         total = sum(p.numel() for p in self.params)
         device = devices.pop()
         # Two flat float32 buffers hold every EMA; per-tensor views index into them.
@@ -115,6 +134,8 @@ class RankAllocator:
         does nothing at all, not even advance its step counter, so the run
         takes the same decisions as one without that step.
         """
+        if not isinstance(optimizer_skipped, bool):
+            raise TypeError(f"RankAllocator.step: optimizer_skipped must be a bool (got {type(optimizer_skipped).__name__})")
         t = self.t
         info = StepInfo(t=t, phase=phase(t, self.config), skipped=optimizer_skipped)
         if optimizer_skipped:
