@@ -27,6 +27,7 @@ def plan_round(
     same number of new ranks go to the largest expansion candidates, skipping
     matrices with no free slot left after pruning.
     """
+    _check_plan_inputs(scores, ranks, r_max, k, b)
     prune_pool, expand_pool = [], []
     for m, r in enumerate(ranks):
         weakest = sorted((scores[m][j], m, j) for j in range(r))
@@ -53,3 +54,27 @@ def plan_round(
     assert len(plan.expand) == len(plan.prune), "internal error: total rank not conserved"
     plan.expand.sort()
     return plan
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_plan_inputs(scores, ranks, r_max, k, b) -> None:
+    """Reject inputs that would give a wrong plan or an obscure error (once per round: cheap)."""
+    if not (_is_int(r_max) and r_max >= 1):
+        raise ValueError(f"plan_round: r_max must be an int >= 1 (got {r_max!r})")
+    if not (_is_int(k) and k >= 1):
+        raise ValueError(f"plan_round: k must be an int >= 1 (got {k!r})")
+    if not (_is_int(b) and b >= 0):
+        raise ValueError(f"plan_round: b must be an int >= 0 (got {b!r})")
+    if len(scores) != len(ranks):
+        raise ValueError(f"plan_round: scores has {len(scores)} rows but ranks has {len(ranks)} entries")
+    for m, (row, r) in enumerate(zip(scores, ranks)):
+        if not (_is_int(r) and 1 <= r <= r_max):
+            raise ValueError(f"plan_round: ranks[{m}] must be an int in [1, r_max = {r_max}] (got {r!r})")
+        if len(row) < r:
+            raise ValueError(f"plan_round: scores[{m}] has {len(row)} entries, fewer than its rank {r}")
+        for j in range(r):
+            if row[j] != row[j]:  # NaN breaks the strict order every process must agree on
+                raise ValueError(f"plan_round: scores[{m}][{j}] is nan; scores must not be NaN")
