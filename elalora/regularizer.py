@@ -1,6 +1,7 @@
 """The orthogonality regulariser (ALGORITHM §6), a scalar to add to the loss."""
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch.nn as nn
@@ -18,7 +19,16 @@ def orth_penalty(source: Union[nn.Module, Sequence[ElaLoRALinear]], coeff: float
     ``source`` is a model holding ElaLoRALinear layers or a sequence of them
     (``RankAllocator.orth_penalty()`` passes its own layers and coefficient).
     """
-    layers = [m for _, m in adapter_layers(source)] if isinstance(source, nn.Module) else list(source)
+    if isinstance(source, nn.Module):
+        layers = [m for _, m in adapter_layers(source)]
+    elif isinstance(source, (list, tuple)) and all(isinstance(m, ElaLoRALinear) for m in source):
+        layers = list(source)
+    else:
+        raise TypeError(
+            f"orth_penalty expects an nn.Module or a sequence of ElaLoRALinear, got {type(source).__name__}"
+        )
+    if not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and math.isfinite(coeff) and coeff >= 0):
+        raise ValueError(f"orth_penalty: coeff must be a finite number >= 0 (got {coeff!r})")
     if not layers:
         raise ValueError("orth_penalty: no ElaLoRALinear layers found")
     return elalora_kernels.orth_penalty(
