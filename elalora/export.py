@@ -1,0 +1,115 @@
+"""Export an ElaLoRA model as a standard PEFT LoRA adapter, for serving with ``peft``.
+
+For every adapted layer with active rank ``r`` (slots ``[0, r)``)::
+
+    lora_B = P[:, :r] · diag(s · λ[:r])      [out, r]
+    lora_A = Q[:r]                           [r, in]
+
+so that ``lora_B @ lora_A = s · P diag(λ) Q = ΔW``. PEFT multiplies by its own
+scaling ``lora_alpha / r``; ``adapter_config.json`` therefore gives every
+module its rank in ``rank_pattern`` and an ``alpha_pattern`` equal to that rank,
+so PEFT's scaling is exactly 1 and its ΔW is ours. Keys are the ones PEFT
+writes: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``;
+other trainable parameters (a classification head) are exported as
+``base_model.model.<param>`` with their modules listed in ``modules_to_save``.
+
+    from peft import PeftModel
+    served = PeftModel.from_pretrained(base_model, export_dir)   # same outputs as ours
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .io import write_json_atomic, write_safetensors_atomic
+from .model import adapter_layers
+
+
+def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PEFT LoRA tensors, ``"<module>.lora_A.weight"`` / ``"<module>.lora_B.weight"`` (no ``base_model.model.``)."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        if layer.merged:
+            raise RuntimeError(f"export_peft_lora: layer {name!r} is merged; unmerge it first")
+        r = layer.active_rank
+        with torch.no_grad():
+            lam = layer.lora_lam[:r].float() * layer.active[:r].float()
+            b = layer.lora_P[:, :r].float() * (layer.scale * lam)
+            a = layer.lora_Q[:r].float()
+        dtype = layer.lora_P.dtype
+        out[f"{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        out[f"{name}.lora_B.weight"] = b.to(dtype).contiguous()
+    return out
+
+
+def export_peft_lora(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
+    task_type: Optional[str] = None,
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) to ``directory``.
+
+    ``modules_to_save`` defaults to the modules owning trainable parameters
+    outside the adapters (e.g. ``["classifier"]``); pass ``[]`` to export the
+    adapters only. Module names are relative to ``model``: load the export with
+    ``PeftModel.from_pretrained`` on the same base model class.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("export_peft_lora: model has no ElaLoRALinear layers")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"base_model.model.{k}": v for k, v in peft_lora_tensors(model).items()}
+
+    adapter_ids = {id(p) for _, layer in layers for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
+    params = dict(model.named_parameters())
+    if modules_to_save is None:
+        owners = []
+        for pname, p in params.items():
+            if p.requires_grad and id(p) not in adapter_ids:
+                owner = pname.rpartition(".")[0]
+                if owner and owner not in owners:
+                    owners.append(owner)
+        modules_to_save = owners
+    modules_to_save = list(modules_to_save)
+    for module_name in modules_to_save:
+        module = model.get_submodule(module_name)
+        for pname, p in module.named_parameters():
+            tensors[f"base_model.model.{module_name}.{pname}"] = p.detach().contiguous()
+
+    ranks = {name: layer.active_rank for name, layer in layers}
+    default_r = Counter(ranks.values()).most_common(1)[0][0]
+    # PEFT reads pattern keys as regexes matched against the end of a module name: escape the dots.
+    # Every module is listed, so the file states each module's rank.
+    rank_pattern = {re.escape(n): r for n, r in ranks.items()}
+    alpha_pattern = {re.escape(n): float(r) for n, r in ranks.items()}
+    dropouts = {layer.lora_dropout for _, layer in layers}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": default_r,
+        "lora_alpha": float(default_r),  # scaling = alpha / r = 1: s is folded into lora_B
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": [name for name, _ in layers],
+        "lora_dropout": max(dropouts),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": modules_to_save or None,
+    }
+    write_safetensors_atomic(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    write_json_atomic(directory / "adapter_config.json", config)
+    return directory

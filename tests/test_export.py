@@ -1,0 +1,104 @@
+"""export_peft_lora: a standard PEFT LoRA adapter that PEFT loads and that reproduces our outputs."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import elalora  # noqa: E402
+from elalora.export import export_peft_lora  # noqa: E402
+
+from test_integrations import SIX, dataset, tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_like(seed: int = 0):
+    """A base model and an adapted copy with non-trivial λ, P, Q, uneven ranks and a changed head."""
+    base = tiny_model(seed)
+    ours = copy.deepcopy(base)
+    config = elalora.ElaLoRAConfig(r=4, r_max=8, lora_alpha=12.0, target_modules=SIX, seed=seed)
+    elalora.inject(ours, config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(elalora.adapter_layers(ours)):
+            layer.lora_lam.copy_(torch.randn(layer.r_max, generator=g))
+            layer.lora_P.add_(0.3 * torch.randn(layer.lora_P.shape, generator=g))
+            layer.lora_Q.add_(0.3 * torch.randn(layer.lora_Q.shape, generator=g))
+            layer.set_active_rank([1, 2, 4, 7, 8, 3][i % 6])  # uneven ranks, as after reallocation
+        for p in ours.classifier.parameters():
+            p.requires_grad_(True)
+            p.add_(torch.randn(p.shape, generator=g))
+    return base, ours, config
+
+
+def batch():
+    data = dataset(16, seed=3)
+    return {k: torch.stack([d[k] for d in data]) for k in ("input_ids", "attention_mask")}
+
+
+def test_peft_from_pretrained_reproduces_our_outputs(tmp_path):
+    base, ours, _ = trained_like()
+    export_peft_lora(ours, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    assert cfg["modules_to_save"] == ["classifier"]
+    ranks = {n: m.active_rank for n, m in elalora.adapter_layers(ours)}
+    assert len(cfg["rank_pattern"]) == len(ranks)
+    for pattern, r in cfg["rank_pattern"].items():
+        assert cfg["alpha_pattern"][pattern] == r  # PEFT scaling alpha/r = 1: s lives in lora_B
+
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    served.eval()
+    ours.eval()
+    # every module got its own rank
+    for name, module in served.base_model.model.named_modules():
+        if name in ranks:
+            assert module.lora_A["default"].weight.shape == (ranks[name], module.in_features)
+            assert module.scaling["default"] == pytest.approx(1.0)
+    x = batch()
+    with torch.no_grad():
+        want = ours(**x).logits
+        got = served(**x).logits
+        plain = base.eval()(**x).logits
+    assert not torch.allclose(want, plain, atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # and PEFT's merge gives the same model
+    merged = served.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**x).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_tensors_are_b_equals_p_s_lambda_and_a_equals_q(tmp_path):
+    from safetensors.torch import load_file
+
+    _, ours, _ = trained_like(seed=2)
+    export_peft_lora(ours, tmp_path, modules_to_save=[])
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    names = elalora.adapter_layers(ours)
+    assert len(tensors) == 2 * len(names)  # no head when modules_to_save=[]
+    for name, layer in names:
+        r = layer.active_rank
+        a = tensors[f"base_model.model.{name}.lora_A.weight"]
+        b = tensors[f"base_model.model.{name}.lora_B.weight"]
+        torch.testing.assert_close(a, layer.lora_Q[:r].detach())
+        torch.testing.assert_close(b, layer.lora_P[:, :r].detach() * (layer.scale * layer.lora_lam[:r].detach()))
+        torch.testing.assert_close(b @ a, layer.delta_weight().detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_merged_model(tmp_path):
+    _, ours, _ = trained_like()
+    elalora.merge(ours)
+    with pytest.raises(RuntimeError, match="merged"):
+        export_peft_lora(ours, tmp_path)

@@ -1,0 +1,300 @@
+"""save_adapter / load_adapter: exact round trip, active slots only, allocator resume, checks, atomicity."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import elalora
+from elalora import io as eio
+from elalora.io import AdapterLoadError, load_adapter, save_adapter
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.query = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.query(x) * torch.sigmoid(self.value(x)))))
+
+
+class Toy(nn.Module):
+    def __init__(self, d=12, h=20, n=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = nn.ModuleList([Block(d, h) for _ in range(n)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        for block in self.layer:
+            x = block(x)
+        return self.head(x)
+
+
+def config(**kw):
+    fields = dict(r=3, r_max=6, target_modules=("query", "value", "up", "down"), t_init=2, t_final=2,
+                  mask_interval=2, b=2, k=1, total_steps=14, seed=0)
+    fields.update(kw)
+    return elalora.ElaLoRAConfig(**fields)
+
+
+def adapted(seed=0, **kw):
+    model = Toy(seed=seed)
+    cfg = config(**kw)
+    elalora.inject(model, cfg)
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(elalora.adapter_layers(model)):
+            for p in (layer.lora_P, layer.lora_lam, layer.lora_Q):
+                p.copy_(torch.randn(p.shape, generator=g))
+            layer.set_active_rank(min([1, 3, 5, 6][i % 4], layer.r_max))
+    return model, cfg
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def active_view(model):
+    out = {}
+    for name, layer in elalora.adapter_layers(model):
+        r = layer.active_rank
+        out[name] = (r, layer.lora_P[:, :r].clone(), layer.lora_lam[:r].clone(), layer.lora_Q[:r].clone())
+    return out
+
+
+X = torch.randn(7, 12, generator=torch.Generator().manual_seed(5))
+
+
+def test_round_trip_is_exact_and_stores_only_active_slots(tmp_path):
+    model, cfg = adapted()
+    model.head.weight.requires_grad_(True)  # a trained head is stored as an extra tensor
+    with torch.no_grad():
+        model.head.weight.mul_(3)
+    save_adapter(model, tmp_path, config=cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for name, layer in elalora.adapter_layers(model):
+        r = layer.active_rank
+        assert tensors[f"{name}.lora_P"].shape == (layer.out_features, r)
+        assert tensors[f"{name}.lora_lam"].shape == (r,)
+        assert tensors[f"{name}.lora_Q"].shape == (r, layer.in_features)
+    assert "extra.head.weight" in tensors and "extra.head.bias" not in tensors
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["rank_pattern"] == {n: m.active_rank for n, m in elalora.adapter_layers(model)}
+
+    other = Toy(seed=0)  # the same base weights, different adapter init
+    elalora.inject(other, config(seed=7))
+    pattern = load_adapter(other, tmp_path)
+    assert pattern == meta["rank_pattern"]
+    want, got = active_view(model), active_view(other)
+    for name in want:
+        assert want[name][0] == got[name][0]
+        for a, b in zip(want[name][1:], got[name][1:]):
+            assert torch.equal(a, b)
+    assert torch.equal(other.head.weight, model.head.weight)
+    with torch.no_grad():
+        assert torch.equal(other(X), model(X))  # bit-for-bit outputs
+    # inactive slots are zero after loading
+    for _, layer in elalora.adapter_layers(other):
+        assert not layer.lora_Q[layer.active_rank:].any()
+
+
+def test_load_into_plain_base_injects_from_saved_config(tmp_path):
+    model, cfg = adapted()
+    save_adapter(model, tmp_path, config=cfg)
+    base = Toy(seed=0)
+    load_adapter(base, tmp_path)
+    assert [n for n, _ in elalora.adapter_layers(base)] == [n for n, _ in elalora.adapter_layers(model)]
+    with torch.no_grad():
+        assert torch.equal(base(X), model(X))
+
+
+def test_plain_base_without_saved_config_is_a_clear_error(tmp_path):
+    model, _ = adapted()
+    save_adapter(model, tmp_path)  # no config, no allocator
+    base = Toy(seed=0)
+    before = snapshot(base)
+    with pytest.raises(AdapterLoadError, match="inject"):
+        load_adapter(base, tmp_path)
+    assert_same_state(before, snapshot(base))
+
+
+def _train_steps(model, allocator, steps, seed):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)  # stateless: exact resume
+    allocator.optimizer = opt
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(9, 12, generator=g)
+        loss = model(x).pow(2).mean() + allocator.orth_penalty()
+        loss.backward()
+        opt.step()
+        allocator.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_allocator_state_resumes_bit_for_bit(tmp_path):
+    cfg = config()
+    a = Toy(seed=0)
+    elalora.inject(a, cfg)
+    alloc_a = elalora.RankAllocator(a, cfg)
+    _train_steps(a, alloc_a, 6, seed=1)
+    save_adapter(a, tmp_path, allocator=alloc_a)
+    assert (tmp_path / "allocator.json").is_file() and (tmp_path / "allocator.safetensors").is_file()
+    gen = load_file(str(tmp_path / "allocator.safetensors"))["generator"]
+    assert gen.dtype == torch.uint8
+
+    b = Toy(seed=0)
+    elalora.inject(b, config(seed=0))
+    alloc_b = elalora.RankAllocator(b, cfg)
+    load_adapter(b, tmp_path, allocator=alloc_b)
+    assert alloc_b.t == alloc_a.t == 6
+    assert len(alloc_b.history) == len(alloc_a.history)
+    _train_steps(a, alloc_a, 8, seed=2)
+    _train_steps(b, alloc_b, 8, seed=2)
+    assert alloc_a.history and [r.ranks for r in alloc_a.history] == [r.ranks for r in alloc_b.history]
+    assert torch.equal(alloc_a.ema_ipt, alloc_b.ema_ipt)
+    va, vb = active_view(a), active_view(b)
+    for name in va:
+        assert va[name][0] == vb[name][0]
+        for x, y in zip(va[name][1:], vb[name][1:]):
+            assert torch.equal(x, y), name
+    with torch.no_grad():
+        assert torch.equal(a(X), b(X))
+
+
+# ------------------------------------------------------------ mismatches
+def _expect_untouched(model, directory, match, **kw):
+    before = snapshot(model)
+    ranks = [m.active_rank for _, m in elalora.adapter_layers(model)]
+    with pytest.raises(AdapterLoadError, match=match):
+        load_adapter(model, directory, **kw)
+    assert_same_state(before, snapshot(model))
+    assert ranks == [m.active_rank for _, m in elalora.adapter_layers(model)]
+
+
+def _rewrite_weights(directory, edit):
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    meta = json.loads((directory / "adapter_config.json").read_text())
+    meta["weights_sha256"] = eio._sha256(path)  # a consistent but wrong save
+    (directory / "adapter_config.json").write_text(json.dumps(meta))
+
+
+def test_mismatches_raise_and_leave_model_untouched(tmp_path):
+    model, cfg = adapted()
+    save_adapter(model, tmp_path / "good", config=cfg)
+
+    # different layer set
+    target, _ = adapted(target_modules=("query", "value"))
+    _expect_untouched(target, tmp_path / "good", "do not match")
+    # different width
+    wide = Toy(d=16, seed=0)
+    elalora.inject(wide, cfg)
+    _expect_untouched(wide, tmp_path / "good", "16×16|16")
+    # different r_max
+    rmax, _ = adapted(r_max=5)
+    _expect_untouched(rmax, tmp_path / "good", "r_max")
+    # different scale
+    scaled, _ = adapted(lora_alpha=7.0)
+    _expect_untouched(scaled, tmp_path / "good", "scale")
+
+    fresh, _ = adapted(seed=3)
+    for label, edit, match in [
+        ("missing", lambda t: t.pop("layer.0.query.lora_Q"), "missing"),
+        ("extra", lambda t: t.__setitem__("layer.0.query.bogus", torch.zeros(1)), "unexpected"),
+        ("shape", lambda t: t.__setitem__("layer.0.query.lora_lam", torch.zeros(2)), "shape"),
+        ("dtype", lambda t: t.__setitem__("layer.0.query.lora_lam", torch.zeros(1, dtype=torch.int32)), "dtype"),
+    ]:
+        d = tmp_path / label
+        save_adapter(model, d, config=cfg)
+        _rewrite_weights(d, edit)
+        _expect_untouched(fresh, d, match)
+
+    # files of two different saves
+    d = tmp_path / "mixed"
+    save_adapter(model, d, config=cfg)
+    other, _ = adapted(seed=4)
+    save_adapter(other, tmp_path / "other", config=cfg)
+    (tmp_path / "other" / "adapter_model.safetensors").replace(d / "adapter_model.safetensors")
+    _expect_untouched(fresh, d, "checksum")
+
+    # rank out of range in the JSON
+    d = tmp_path / "rank"
+    save_adapter(model, d, config=cfg)
+    meta = json.loads((d / "adapter_config.json").read_text())
+    meta["layers"]["layer.0.query"]["rank"] = 9
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    _expect_untouched(fresh, d, "rank 9|shape")
+
+    _expect_untouched(fresh, tmp_path / "nowhere", "not found")
+
+
+def test_allocator_mismatch_leaves_model_and_allocator_untouched(tmp_path):
+    model, cfg = adapted()
+    alloc = elalora.RankAllocator(model, cfg)
+    save_adapter(model, tmp_path, allocator=alloc)
+    other, _ = adapted(seed=2)
+    other_alloc = elalora.RankAllocator(other, cfg.replace(beta1=0.5))
+    ema = other_alloc.ema_ipt.clone()
+    _expect_untouched(other, tmp_path, "config differs", allocator=other_alloc)
+    assert torch.equal(ema, other_alloc.ema_ipt) and other_alloc.t == 0
+    # an allocator was given but the save has none
+    save_adapter(model, tmp_path / "noalloc", config=cfg)
+    _expect_untouched(other, tmp_path / "noalloc", "no allocator state", allocator=elalora.RankAllocator(other, cfg))
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    model, cfg = adapted()
+    save_adapter(model, tmp_path, config=cfg)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(eio, "save_file", broken)
+    other, _ = adapted(seed=9)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(other, tmp_path, config=cfg)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # old save intact, no temp files left behind
+    monkeypatch.undo()
+    fresh = Toy(seed=0)
+    elalora.inject(fresh, config(seed=5))
+    load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+
+
+def test_merged_model_cannot_be_saved_or_loaded(tmp_path):
+    model, cfg = adapted()
+    save_adapter(model, tmp_path, config=cfg)
+    elalora.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        save_adapter(model, tmp_path / "x")
+    _expect_untouched(model, tmp_path, "unmerge")
