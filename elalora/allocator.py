@@ -118,13 +118,14 @@ class RankAllocator:
                     f"RankAllocator: optimizer does not hold {len(missing)} adapter parameters "
                     f"(first: {missing[:3]}); pass the optimizer that trains this model's adapters"
                 )
-        total = sum(p.numel() for p in self.params)
+        offsets = _aligned_offsets(self.params)
+        total = offsets[-1]
         device = devices.pop()
         # Two flat float32 buffers hold every EMA; per-tensor views index into them.
         self.ema_ipt = torch.zeros(total, dtype=torch.float32, device=device)
         self.ema_unc = torch.zeros(total, dtype=torch.float32, device=device)
-        self._ipt_views = _views(self.ema_ipt, self.params)
-        self._unc_views = _views(self.ema_unc, self.params)
+        self._ipt_views = _views(self.ema_ipt, self.params, offsets)
+        self._unc_views = _views(self.ema_unc, self.params, offsets)
 
     # ------------------------------------------------------------ each step
     def step(self, *, optimizer_skipped: bool = False) -> StepInfo:
@@ -287,12 +288,19 @@ def _slot_params(layer: ElaLoRALinear) -> tuple[Tensor, Tensor, Tensor]:
     return layer.lora_P, layer.lora_lam, layer.lora_Q
 
 
-def _views(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-    views, offset = [], 0
+EMA_ALIGN = 4  # elements: every view starts on a 16-byte boundary, so GPU kernels can use vector loads
+
+
+def _aligned_offsets(params: list[Tensor]) -> list[int]:
+    """Start of each tensor's EMA view in the flat buffer, then the buffer's size."""
+    offsets = [0]
     for p in params:
-        views.append(flat[offset : offset + p.numel()].view(p.shape))
-        offset += p.numel()
-    return views
+        offsets.append(-(-(offsets[-1] + p.numel()) // EMA_ALIGN) * EMA_ALIGN)
+    return offsets
+
+
+def _views(flat: Tensor, params: list[Tensor], offsets: list[int]) -> list[Tensor]:
+    return [flat[start : start + p.numel()].view(p.shape) for p, start in zip(params, offsets)]
 
 
 def _swap(tensor: Tensor, dim: int, i: int, j: int) -> None:
