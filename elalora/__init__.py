@@ -7,12 +7,18 @@
 """
 from .allocator import RankAllocator, RoundRecord, StepInfo
 from .config import ElaLoRAConfig
+from .export import export_peft_lora
+from .io import AdapterLoadError, load_adapter, save_adapter
 from .layer import ElaLoRALinear
 from .model import adapter_layers, inject, merge, unmerge
 from .reallocation import RoundPlan, plan_round
 from .regularizer import orth_penalty
 
 __all__ = [
+    "AdapterLoadError",
+    "export_peft_lora",
+    "load_adapter",
+    "save_adapter",
     "ElaLoRAConfig",
     "ElaLoRALinear",
     "RankAllocator",
