@@ -16,8 +16,10 @@ BACKENDS = ("reference", "cpu", "triton")
 ENV_VAR = "ELALORA_BACKEND"
 
 
-def _triton_usable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Loaded backends. The CPU ones load now, so that torch.compile finds them in
+# this dict and traces the op instead of breaking the graph on an import.
+_LOADED: dict[str, ModuleType] = {name: importlib.import_module(f"elalora_kernels.{name}") for name in ("reference", "cpu")}
 
 
 def backend_for(device: torch.device) -> str:
@@ -27,13 +29,16 @@ def backend_for(device: torch.device) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; expected one of {BACKENDS}")
         return forced
-    if device.type == "cuda" and _triton_usable():
+    if device.type == "cuda" and _TRITON_INSTALLED:
         return "triton"
     return "cpu"
 
 
 def _module(device: torch.device) -> ModuleType:
-    return importlib.import_module(f"elalora_kernels.{backend_for(device)}")
+    name = backend_for(device)
+    if name not in _LOADED:  # Triton kernels import only when first needed
+        _LOADED[name] = importlib.import_module(f"elalora_kernels.{name}")
+    return _LOADED[name]
 
 
 def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0):
