@@ -148,20 +148,22 @@ def summarise(rows: list[dict]) -> list[dict]:
 NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora": "ElaLoRA (ours)"}
 
 
-def markdown(rows: list[dict], command: str, setup: dict) -> str:
+def markdown(rows: list[dict], command: str, setup: dict, note: str = "") -> str:
     lines = [
         "## Quality: LoRA vs AdaLoRA vs ElaLoRA on movie-review sentiment (MiniLM-L6)",
         "",
         f"Command: `{command}`",
         "",
         f"Setup: {setup['n_train']} train / {setup['n_test']} test sentences (fixed split), {setup['epochs']} epoch(s) "
-        f"at batch {setup['batch_size']} = {setup['steps']} optimizer steps, AdamW lr {setup['lr']:g}, linear warm-up 6% "
+        f"at batch {setup['batch_size']} = {setup['steps']} optimizer steps, AdamW lr {setup['lr']:g}, "
+        "linear warm-up 6% "
         "and decay, grad-clip 1.0, fresh trainable classification head, adapters on query/key/value/attention-output/"
         "intermediate/output of all 6 layers (36 matrices). Same data, batches and seeds for every method; nothing "
         f"tuned per method. ElaLoRA/AdaLoRA schedule: t_init {setup['t_init']}, t_final {setup['t_final']}, "
         f"interval {setup['mask_interval']}. {setup['threads']} CPU threads, torch {setup['torch']}.",
         "",
-        "| r | method | seeds | accuracy (mean ± std) | final adapter params | train wall s / run | train CPU s / run |",
+        "| r | method | seeds | accuracy (mean ± std) | final adapter params "
+        "| train wall s / run | train CPU s / run |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in summarise(rows):
@@ -176,6 +178,8 @@ def markdown(rows: list[dict], command: str, setup: dict) -> str:
         "starts at r and conserves the total. Wall times were measured on a shared 2-core machine where other jobs "
         "ran at the same time: compare them with care (CPU seconds are less sensitive to that).",
     ]
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -221,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip runs already in --jsonl")
     p.add_argument("--write-md", action="store_true", help="write the table into benchmarks/RESULTS.md")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--note", default="", help="a sentence added under the table (e.g. how the runs were split)")
     args = p.parse_args(argv)
     if args.small:
         args.n_train, args.n_test, args.epochs, args.batch_size, args.threads = 600, 400, 1, 16, 1
@@ -258,8 +263,8 @@ def main(argv=None) -> int:
         print(f"{method:8s} r={r} seed={seed}: acc {row['accuracy']:.4f}  params {row['adapter_params']:,}  "
               f"{row['train_seconds']:.0f} s", flush=True)
         if args.write_md:  # keep the table current as runs finish
-            write_section(markdown(rows, command, setup))
-    text = markdown(rows, command, setup)
+            write_section(markdown(rows, command, setup, args.note))
+    text = markdown(rows, command, setup, args.note)
     print(text)
     if args.write_md:
         write_section(text)

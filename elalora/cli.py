@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         "heatmap, a rank history plot, a JSON run record and the adapter to --out.",
     )
     demo.add_argument("--steps", type=int, default=None,
-                      help=f"optimizer steps (default: {DEFAULTS['epochs']} epoch(s) of --train-size at --batch-size = 125)")
+                      help=f"optimizer steps (default: {DEFAULTS['epochs']} epoch(s) of --train-size "
+                      "at --batch-size = 125)")
     demo.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs when --steps is not given")
     demo.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch CPU threads (0: torch's default)")
     demo.add_argument("--seed", type=int, default=DEFAULTS["seed"])

@@ -14,7 +14,6 @@ installed package, the data from the repository.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -246,7 +245,8 @@ def train_loop(
         if t % 5 == 0 or t == steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()
-    return {"steps": steps, "train_seconds": time.perf_counter() - start, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    final_loss = sum(losses[-20:]) / len(losses[-20:])
+    return {"steps": steps, "train_seconds": time.perf_counter() - start, "final_loss": final_loss}
 
 
 def elalora_schedule(total_steps: int) -> dict:

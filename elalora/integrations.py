@@ -116,7 +116,9 @@ class ElaLoRACallback(TrainerCallback):
             raise RuntimeError("ElaLoRACallback: the Trainer passed no model/optimizer to on_train_begin")
         model = _unwrap_model(model)
         if not adapter_layers(model):
-            raise ValueError("ElaLoRACallback: the model has no ElaLoRA adapters; call elalora.inject(model, config) first")
+            raise ValueError(
+                "ElaLoRACallback: the model has no ElaLoRA adapters; call elalora.inject(model, config) first"
+            )
         total = int(state.max_steps)
         if self.config.t_init + self.config.t_final >= total:
             raise ValueError(

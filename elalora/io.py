@@ -207,7 +207,9 @@ def read_adapter_config(directory: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterLoadError(f"load_adapter: {path} is not an ElaLoRA adapter config (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
-        raise AdapterLoadError(f"load_adapter: unsupported adapter version {meta.get('version')!r} (expected {VERSION})")
+        raise AdapterLoadError(
+            f"load_adapter: unsupported adapter version {meta.get('version')!r} (expected {VERSION})"
+        )
     return meta
 
 
@@ -253,7 +255,9 @@ def load_adapter(
                 "call elalora.inject(model, config) first"
             )
         to_inject = ElaLoRAConfig.from_dict(meta["config"])
-        targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, to_inject.target_modules)]
+        targets = [
+            n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, to_inject.target_modules)
+        ]
         _check_names(list(saved_layers), targets, "the layers the saved config targets in this model")
         layer_map = {n: model.get_submodule(n) for n in targets}
 
@@ -271,11 +275,13 @@ def load_adapter(
         if isinstance(module, ElaLoRALinear):
             if module.r_max != info["r_max"]:
                 raise AdapterLoadError(
-                    f"load_adapter: layer {name!r} has r_max={module.r_max} in the model but {info['r_max']} in the save"
+                    f"load_adapter: layer {name!r} has r_max={module.r_max} in the model "
+                    f"but {info['r_max']} in the save"
                 )
             if not math.isclose(module.scale, info["scale"], rel_tol=1e-12):
                 raise AdapterLoadError(
-                    f"load_adapter: layer {name!r} has scale {module.scale} in the model but {info['scale']} in the save"
+                    f"load_adapter: layer {name!r} has scale {module.scale} in the model "
+                    f"but {info['scale']} in the save"
                 )
             r_max = module.r_max
         else:
@@ -367,7 +373,9 @@ def _read_allocator_state(directory: Path, allocator, saved_layers: list[str]) -
         raise AdapterLoadError(f"load_adapter: {tensor_path} does not match {ALLOC_JSON} (checksum differs)")
     tensors = load_file(str(tensor_path))
     if set(tensors) != {"ema_ipt", "ema_unc", "generator"}:
-        raise AdapterLoadError(f"load_adapter: {ALLOC_TENSORS} holds {sorted(tensors)}, expected ema_ipt, ema_unc, generator")
+        raise AdapterLoadError(
+            f"load_adapter: {ALLOC_TENSORS} holds {sorted(tensors)}, expected ema_ipt, ema_unc, generator"
+        )
     state = allocator.state_dict()
     if meta.get("version") != state["version"]:
         raise AdapterLoadError(f"load_adapter: allocator state version {meta.get('version')} != {state['version']}")
