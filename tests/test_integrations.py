@@ -119,7 +119,7 @@ def test_penalty_added_to_training_loss_only():
 
     cb.on_train_begin(A, S, None, model=model, optimizer=opt)
     batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
-    penalty = float(cb.allocator.orth_penalty())
+    penalty = float(cb.allocator.orth_penalty().detach())
     assert penalty > 0
     model.train()
     with_pen = float(model(**batch).loss)
