@@ -141,6 +141,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "wall": statistics.mean(row["train_seconds"] for row in sel),
                 "cpu": statistics.mean(row.get("train_cpu_seconds", float("nan")) for row in sel),
                 "seeds": sorted(row["seed"] for row in sel),
+                "accs": [row["accuracy"] for row in sorted(sel, key=lambda row: row["seed"])],
             })
     return out
 
@@ -171,6 +172,9 @@ def markdown(rows: list[dict], command: str, setup: dict, note: str = "") -> str
             f"| {s['r']} | {NAMES[s['method']]} | {s['n']} ({','.join(map(str, s['seeds']))}) | "
             f"{s['mean']:.4f} ± {s['std']:.4f} | {s['params']:,.0f} | {s['wall']:.0f} | {s['cpu']:.0f} |"
         )
+    lines += ["", "Per-run accuracies (by seed): " + "; ".join(
+        f"r={s['r']} {NAMES[s['method']]}: " + ", ".join(f"{a:.3f}" for a in s["accs"]) for s in summarise(rows)
+    ) + "."]
     lines += [
         "",
         "Adapter params count active ranks only (LoRA r·(in+out); AdaLoRA and ElaLoRA rank·(in+out+1)), without the "
