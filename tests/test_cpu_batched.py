@@ -54,11 +54,17 @@ def test_rank_scores_of_views_into_flat_buffers():
     assert torch.equal(batched.rank_scores(views(flat_i), views(flat_u)), reference.rank_scores(views(flat_i), views(flat_u)))
 
 
-def test_rank_scores_writes_every_element():
-    ipt, unc = _emas(MIXED, 5, seed=1)
-    out = torch.full((len(MIXED), 5), float("nan"))
-    batched._rank_scores_into(out, ipt, unc)
-    assert torch.equal(out, reference.rank_scores(ipt, unc))
+@pytest.mark.parametrize("path", ["batched", "per_matrix"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rank_scores_both_paths_write_every_element_bit_identically(path, threads):
+    """Into an output poisoned with NaN: an element left unwritten fails."""
+    torch.set_num_threads(threads)
+    fn = batched._rank_scores_into if path == "batched" else batched._rank_scores_per_matrix
+    for shapes, r in [(MIXED, 5), ([(384, 384)] * 6 + [(1536, 384), (384, 1536)] * 2, 16)]:
+        ipt, unc = _emas(shapes, r, seed=1)
+        out = torch.full((len(shapes), r), float("nan"))
+        fn(out, ipt, unc)
+        assert torch.equal(out, reference.rank_scores(ipt, unc))
 
 
 def test_rank_scores_argument_errors():
