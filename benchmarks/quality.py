@@ -236,7 +236,12 @@ def main(argv=None) -> int:
         if args.seeds == p.get_default("seeds"):
             args.seeds = "8:2,2:3"
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in shown:  # the note is printed under the table, not in the command
+        i = shown.index("--note")
+        del shown[i : i + 2]
+    shown = [a for a in shown if not a.startswith("--note=")]
+    command = "python benchmarks/quality.py " + " ".join(shown)
 
     examples = demo.load_movie_reviews()
     train_ex, test_ex = demo.split_examples(examples, args.n_train, args.n_test)
