@@ -159,9 +159,10 @@ def bench_step(steps: int, lines: list[str]) -> list[tuple[str, bool]]:
     ours = ratio(times, "elalora", "peft LoRA")
     ada = ratio(times, "peft AdaLoRA", "peft LoRA")
     ab = C.allocator_bench()
-    alloc = interleaved({"score": ab.score_step, "round": ab.round_step}, 40, warmup=3)
+    alloc = interleaved({"score": ab.score_step, "round": ab.round_step, "rank_scores": ab.rank_scores}, 40, warmup=3)
     score_ms = med(alloc["score"]) * 1e3
     round_ms = med(alloc["round"]) * 1e3
+    scores_ms = med(alloc["rank_scores"]) * 1e3
     in_run_book = built["elalora"].bookkeeping
     in_run_rounds = built["elalora"].rounds
     ada_book = built["peft AdaLoRA"].bookkeeping
@@ -181,6 +182,11 @@ def bench_step(steps: int, lines: list[str]) -> list[tuple[str, bool]]:
         "Bookkeeping and round columns for elalora: median of 40 `allocator.step()` calls on the same "
         "model after a real step (the round figure includes that step's score update), and in brackets "
         "the median of the steps of the training run above.",
+        f"A round ({round_ms:.1f} ms) is the step's score update ({score_ms:.2f} ms, C++ extension), the rank "
+        f"scores ({scores_ms:.2f} ms, `elalora_kernels.batched.rank_scores`) and the allocator's own work "
+        f"({max(round_ms - score_ms - scores_ms, 0):.1f} ms: plan, slot swaps, and a `torch.linalg.qr` per new P "
+        "column and Q row in `elalora/allocator.py::_orthogonal_unit`, which MKL runs multi-threaded: on these "
+        "shared cores each QR costs ~7 ms on 2 threads against ~0.15 ms on 1).",
         "",
     ]
     return [

@@ -272,6 +272,7 @@ def timed(fn) -> float:
 class AllocatorBench:
     score_step: callable  # allocator.step() on a step that only updates the scores
     round_step: callable  # allocator.step() on a step that also runs a reallocation round
+    rank_scores: callable  # the round's rank scores alone (ALGORITHM §3)
     n_adapted: int
 
 
@@ -294,4 +295,4 @@ def allocator_bench(r: int = 8):
         info = rounds.step()
         assert info.round is not None
 
-    return AllocatorBench(lambda: scoring.step(), round_step, len(names))
+    return AllocatorBench(lambda: scoring.step(), round_step, rounds.rank_scores, len(names))
