@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter. The variable must
+# be set before anything imports triton.language (torch.compile, transformers
+# and peft may, while test modules are collected): its standard-library
+# functions are built as compiled or interpreted functions at that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
