@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear
-from .model import _matches, adapter_layers, inject
+from .model import adapter_layers, inject, target_names
 
 FORMAT = "elalora-adapter"
 VERSION = 1
@@ -255,9 +255,7 @@ def load_adapter(
                 "call elalora.inject(model, config) first"
             )
         to_inject = ElaLoRAConfig.from_dict(meta["config"])
-        targets = [
-            n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, to_inject.target_modules)
-        ]
+        targets = target_names(model, to_inject)
         _check_names(list(saved_layers), targets, "the layers the saved config targets in this model")
         layer_map = {n: model.get_submodule(n) for n in targets}
 

@@ -16,6 +16,11 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def target_names(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules of ``model`` that ``config.target_modules`` selects."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, config.target_modules)]
+
+
 def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
     """Replace every target ``nn.Linear`` of ``model`` by an ElaLoRALinear, in place.
 
@@ -31,7 +36,7 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
         raise TypeError(f"inject expects an ElaLoRAConfig, got {type(config).__name__}")
     if any(isinstance(m, ElaLoRALinear) for m in model.modules()):
         raise ValueError("inject: model already holds ElaLoRA adapters")
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, config.target_modules)]
+    names = target_names(model, config)
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
