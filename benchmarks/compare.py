@@ -185,8 +185,8 @@ def bench_step(steps: int, lines: list[str]) -> list[tuple[str, bool]]:
         f"A round ({round_ms:.1f} ms) is the step's score update ({score_ms:.2f} ms, C++ extension), the rank "
         f"scores ({scores_ms:.2f} ms, `elalora_kernels.batched.rank_scores`) and the allocator's own work "
         f"({max(round_ms - score_ms - scores_ms, 0):.1f} ms: plan, slot swaps, and a `torch.linalg.qr` per new P "
-        "column and Q row in `elalora/allocator.py::_orthogonal_unit`, which MKL runs multi-threaded: on these "
-        "shared cores each QR costs ~7 ms on 2 threads against ~0.15 ms on 1).",
+        "column and Q row in `elalora/allocator.py::_orthogonal_unit`, run on one thread because thread "
+        "start-up costs more than these tiny factorisations).",
         "",
     ]
     return [

@@ -17,3 +17,10 @@ def _fixed_threads_and_seed():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: one thread is faster, and much faster on a busy machine."""
+    torch.set_num_threads(1)
+    yield

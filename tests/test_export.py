@@ -16,12 +16,7 @@ from elalora.export import export_peft_lora  # noqa: E402
 from test_integrations import SIX, dataset, tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
 
 
 def trained_like(seed: int = 0):

@@ -14,13 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 import elalora  # noqa: E402
 from elalora.integrations import ElaLoRACallback, unwrap_optimizer  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
 
 
 SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")

@@ -13,12 +13,7 @@ from elalora import io as eio
 from elalora.io import AdapterLoadError, load_adapter, save_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
 
 
 class Block(nn.Module):
