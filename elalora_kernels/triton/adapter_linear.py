@@ -68,6 +68,22 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rows_times_rank_matrix(
+    a_ptr, stride_an, rows, row_mask, b_ptr, stride_bk, stride_br, rr, r_mask, K,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``A[rows, :K] · B[:K, rr]`` in fp32, B read through its strides: x·Qᵀ forward, g·P backward."""
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        at = tl.load(a_ptr + rows[:, None] * stride_an + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + ks[:, None] * stride_bk + rr[None, :] * stride_br, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _dot(at, bt, acc, IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, y_ptr, xq_ptr,
     N, IN, OUT, R,
@@ -85,13 +101,10 @@ def _fwd_kernel(
     r_mask = rr < R
 
     # xq = x Qᵀ for this row tile, fp32 in registers
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < IN
-        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        qt = tl.load(q_ptr + rr[None, :] * stride_qr + ks[:, None] * stride_qk, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _dot(xt, qt, acc, IEEE, UPCAST)
+    acc = _rows_times_rank_matrix(
+        x_ptr, stride_xn, rows, row_mask, q_ptr, stride_qk, stride_qr, rr, r_mask, IN,
+        BLOCK_M, BLOCK_K, BLOCK_R, IEEE, UPCAST,
+    )
     if STORE_XQ:
         if pid_s == 0:
             tl.store(xq_ptr + rows[:, None] * R + rr[None, :], acc, mask=row_mask[:, None] & r_mask[None, :])
@@ -130,13 +143,10 @@ def _bwd_dx_kernel(
     r_mask = rr < R
 
     # gp = g P, once per row tile
-    gp = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for o0 in range(0, OUT, BLOCK_N):
-        os = o0 + tl.arange(0, BLOCK_N)
-        o_mask = os < OUT
-        gt = tl.load(g_ptr + rows[:, None] * stride_gn + os[None, :], mask=row_mask[:, None] & o_mask[None, :], other=0.0)
-        pt = tl.load(p_ptr + os[:, None] * stride_po + rr[None, :] * stride_pr, mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        gp = _dot(gt, pt, gp, IEEE, UPCAST)
+    gp = _rows_times_rank_matrix(
+        g_ptr, stride_gn, rows, row_mask, p_ptr, stride_po, stride_pr, rr, r_mask, OUT,
+        BLOCK_M, BLOCK_N, BLOCK_R, IEEE, UPCAST,
+    )
 
     lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
     act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
