@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import elalora_kernels.cpu as cpu_ops
+from elalora_kernels.reference import score_ema_update_one
 
 BETA1 = BETA2 = 0.85
 
@@ -82,16 +83,8 @@ def score_peft(set_name):
 
 def _inplace_update(params, grads, ema_ipt, ema_unc):
     """The same semantics as the op (non-finite guard and count), in-place eager torch."""
-    skipped = []
-    for w, g, i, u in zip(params, grads, ema_ipt, ema_unc):
-        ipt = (w.float() * g.float()).abs()
-        finite = torch.isfinite(ipt)
-        new_i = BETA1 * i + (1 - BETA1) * ipt
-        new_u = BETA2 * u + (1 - BETA2) * (ipt - new_i).abs()
-        u.copy_(torch.where(finite, new_u, u))
-        i.copy_(torch.where(finite, new_i, i))
-        skipped.append((~finite).sum())
-    return torch.stack(skipped).sum()
+    counts = [score_ema_update_one(w, g, i, u, BETA1, BETA2) for w, g, i, u in zip(params, grads, ema_ipt, ema_unc)]
+    return torch.stack(counts).sum()
 
 
 def score_compiled(set_name):

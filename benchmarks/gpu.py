@@ -264,7 +264,7 @@ def time_score_ema(layers, dims, r_max, dtype, compile_baseline):
         row("score+EMA", "CUDA C++ kernel (csrc/cuda)", None, note="not built (elalora_kernels._C_cuda missing)")
     if compile_baseline:
         try:
-            one = torch.compile(_update_one, dynamic=True)
+            one = torch.compile(reference.score_ema_update_one, dynamic=True)
 
             def compiled():
                 for w, g, i, u in zip(params, grads, vi, vu):
@@ -282,16 +282,6 @@ def time_score_ema(layers, dims, r_max, dtype, compile_baseline):
     else:
         row("score+EMA", "torch.compile, per-tensor loop", None, note="skipped")
     row("score+EMA", "eager per-tensor loop (reference)", ms_eager, GBps=gbps(ms_eager))
-
-
-def _update_one(w, g, ipt_ema, unc_ema, beta1: float, beta2: float):
-    ipt = (w.float() * g.float()).abs()
-    finite = torch.isfinite(ipt)
-    new_ipt = beta1 * ipt_ema + (1 - beta1) * ipt
-    new_unc = beta2 * unc_ema + (1 - beta2) * (ipt - new_ipt).abs()
-    unc_ema.copy_(torch.where(finite, new_unc, unc_ema))
-    ipt_ema.copy_(torch.where(finite, new_ipt, ipt_ema))
-    return (~finite).sum()
 
 
 # ----------------------------------------------------------------------------- rank scores

@@ -45,16 +45,21 @@ def score_ema_update(
 
     Elements whose ``|w·g|`` is not finite keep their EMAs; returns how many.
     """
-    skipped = 0
-    for w, g, ipt_ema, unc_ema in zip(params, grads, ema_ipt, ema_unc, strict=True):
-        ipt = (w.float() * g.float()).abs()
-        finite = torch.isfinite(ipt)
-        new_ipt = beta1 * ipt_ema + (1 - beta1) * ipt
-        new_unc = beta2 * unc_ema + (1 - beta2) * (ipt - new_ipt).abs()
-        unc_ema.copy_(torch.where(finite, new_unc, unc_ema))
-        ipt_ema.copy_(torch.where(finite, new_ipt, ipt_ema))
-        skipped += int((~finite).sum())
-    return skipped
+    return sum(
+        int(score_ema_update_one(w, g, i, u, beta1, beta2))
+        for w, g, i, u in zip(params, grads, ema_ipt, ema_unc, strict=True)
+    )
+
+
+def score_ema_update_one(w: Tensor, g: Tensor, ipt_ema: Tensor, unc_ema: Tensor, beta1: float, beta2: float) -> Tensor:
+    """ALGORITHM §2 for one tensor, in place; returns the non-finite count as a tensor (no host sync)."""
+    ipt = (w.float() * g.float()).abs()
+    finite = torch.isfinite(ipt)
+    new_ipt = beta1 * ipt_ema + (1 - beta1) * ipt
+    new_unc = beta2 * unc_ema + (1 - beta2) * (ipt - new_ipt).abs()
+    unc_ema.copy_(torch.where(finite, new_unc, unc_ema))
+    ipt_ema.copy_(torch.where(finite, new_ipt, ipt_ema))
+    return (~finite).sum()
 
 
 def rank_scores(
