@@ -36,7 +36,8 @@ What the callback does, and where:
   ``orth_in_loss=False`` to silence it.
 * Logging: at every Trainer logging step the callback adds
   ``elalora/total_rank``, ``elalora/min_rank``, ``elalora/max_rank``,
-  ``elalora/rounds``, ``elalora/ranks_moved`` (since the last log) and
+  ``elalora/rounds``, ``elalora/ranks_moved`` and
+  ``elalora/nonfinite_grad_elements`` (both since the last log) and
   ``elalora/orth_penalty`` to the logged dict (visible to callbacks after it
   and written into ``state.log_history``). Each round is logged through the
   ``elalora`` logger (pruned/expanded layers). At the end of training the run
@@ -107,6 +108,8 @@ class ElaLoRACallback(TrainerCallback):
         self._ga_steps = 1
         self._last_penalty: Optional[torch.Tensor] = None
         self._moved_since_log = 0
+        self._nonfinite_since_log = 0  # gradient elements whose EMAs were left unchanged (inf/nan)
+        self.nonfinite_total = 0
         self._warned_no_loss = False
         self._initial: dict[str, int] = {}
 
@@ -150,6 +153,8 @@ class ElaLoRACallback(TrainerCallback):
             return
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
         info = self.allocator.step(optimizer_skipped=skipped)
+        self._nonfinite_since_log += info.nonfinite
+        self.nonfinite_total += info.nonfinite
         if info.round is not None:
             rec = info.round
             self._moved_since_log += rec.moved
@@ -169,10 +174,11 @@ class ElaLoRACallback(TrainerCallback):
             "elalora/max_rank": max(ranks),
             "elalora/rounds": len(self.allocator.history),
             "elalora/ranks_moved": self._moved_since_log,
+            "elalora/nonfinite_grad_elements": self._nonfinite_since_log,
         }
         if self._last_penalty is not None:
             extra["elalora/orth_penalty"] = float(self._last_penalty)
-        self._moved_since_log = 0
+        self._moved_since_log = self._nonfinite_since_log = 0
         logs.update(extra)
         # The Trainer copied `logs` into log_history before calling callbacks: add ours there too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -92,6 +92,7 @@ def test_trainer_runs_steps_allocator_and_logs(tmp_path):
     assert all(h["elalora/orth_penalty"] > 0 for h in logged)
     assert logged[-1]["elalora/rounds"] == len(alloc.history)
 
+    assert all(h["elalora/nonfinite_grad_elements"] == 0 for h in logged)
     record = json.loads((tmp_path / "elalora_run.json").read_text())
     assert record["rank_pattern"] == alloc.rank_pattern()
     assert len(record["history"]) == len(alloc.history)
@@ -181,3 +182,30 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     sa, sc = _adapter_state(model_a), _adapter_state(model_c)
     for key in sa:
         torch.testing.assert_close(sc[key], sa[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_nonfinite_gradient_elements_are_logged(tmp_path):
+    model = tiny_model()
+    config = ela_config()
+    elalora.inject(model, config)
+    layer = elalora.adapter_layers(model)[0][1]
+    poisoned_steps = []
+
+    def poison(grad):  # one inf in the last, inactive slot of one layer, on steps 3 and 8
+        poisoned_steps.append(len(poisoned_steps))
+        if poisoned_steps[-1] in (3, 8):
+            grad = grad.clone()
+            grad[-1] = float("inf")
+        return grad
+
+    layer.lora_lam.register_hook(poison)
+    cb = ElaLoRACallback(config)
+    trainer = make_trainer(tmp_path, model, cb, max_steps=12, max_grad_norm=0.0)
+    with pytest.warns(RuntimeWarning, match="inf/nan"):
+        trainer.train()
+    counts = [h["elalora/nonfinite_grad_elements"] for h in trainer.state.log_history
+              if "elalora/nonfinite_grad_elements" in h]
+    # The first log (step 5) covers the inf injected at step 4; nothing is lost between logs.
+    assert counts[0] >= 1
+    assert sum(counts) == cb.nonfinite_total
+    assert torch.isfinite(cb.allocator.ema_ipt).all() and torch.isfinite(cb.allocator.ema_unc).all()
