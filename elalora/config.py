@@ -2,23 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from ._checks import is_int, is_number
+
 
 def _fail(name: str, rule: str, value) -> None:
     raise ValueError(f"ElaLoRAConfig.{name} {rule} (got {value!r})")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """A real, finite number (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -51,20 +43,20 @@ class ElaLoRAConfig:
 
     def __post_init__(self) -> None:
         if self.r_max is None:
-            object.__setattr__(self, "r_max", 2 * self.r if _is_int(self.r) else None)
+            object.__setattr__(self, "r_max", 2 * self.r if is_int(self.r) else None)
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         self._validate()
 
     def _validate(self) -> None:
         for name in ("r", "r_max", "b", "k", "t_init", "t_final", "mask_interval", "seed"):
-            if not _is_int(getattr(self, name)):
+            if not is_int(getattr(self, name)):
                 _fail(name, "must be an int", getattr(self, name))
         if self.r < 1:
             _fail("r", "must be >= 1", self.r)
         if self.r_max < self.r:
             _fail("r_max", f"must be >= r = {self.r}", self.r_max)
-        if not (_is_number(self.lora_alpha) and self.lora_alpha > 0):
+        if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
             _fail("lora_alpha", "must be a finite number > 0", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             _fail("lora_dropout", "must be in [0, 1)", self.lora_dropout)
@@ -83,7 +75,7 @@ class ElaLoRAConfig:
         if self.mask_interval < 1:
             _fail("mask_interval", "must be >= 1", self.mask_interval)
         if self.total_steps is not None:
-            if not _is_int(self.total_steps) or self.total_steps < 1:
+            if not is_int(self.total_steps) or self.total_steps < 1:
                 _fail("total_steps", "must be an int >= 1 or None", self.total_steps)
             if self.t_init + self.t_final >= self.total_steps:
                 _fail(
@@ -94,7 +86,7 @@ class ElaLoRAConfig:
                 )
         if not isinstance(self.rank_scheduler, bool):
             _fail("rank_scheduler", "must be a bool", self.rank_scheduler)
-        if not (_is_number(self.orth_reg) and self.orth_reg >= 0):
+        if not (is_number(self.orth_reg) and self.orth_reg >= 0):
             _fail("orth_reg", "must be a finite number >= 0", self.orth_reg)
         targets = self.target_modules
         if isinstance(targets, str):

@@ -1,14 +1,14 @@
 """ElaLoRALinear: a drop-in nn.Linear with an elastic-rank SVD-form adapter."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 import elalora_kernels
+
+from ._checks import is_int, is_number
 
 
 class ElaLoRALinear(nn.Module):
@@ -37,7 +37,7 @@ class ElaLoRALinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not all(_is_int(n) and n >= 1 for n in (in_features, out_features)):
+        if not all(is_int(n) and n >= 1 for n in (in_features, out_features)):
             raise ValueError(
                 "ElaLoRALinear: in_features and out_features must be ints >= 1 "
                 f"(got {in_features!r}, {out_features!r})"
@@ -68,13 +68,13 @@ class ElaLoRALinear(nn.Module):
 
     def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator) -> None:
         r_max = 2 * r if r_max is None else r_max
-        if not (_is_int(r) and r >= 1):
+        if not (is_int(r) and r >= 1):
             raise ValueError(f"ElaLoRALinear: r must be an int >= 1 (got {r!r})")
-        if not (_is_int(r_max) and r_max >= r):
+        if not (is_int(r_max) and r_max >= r):
             raise ValueError(f"ElaLoRALinear: r_max must be an int >= r = {r} (got {r_max!r})")
-        if not (_is_number(lora_alpha) and lora_alpha > 0):
+        if not (is_number(lora_alpha) and lora_alpha > 0):
             raise ValueError(f"ElaLoRALinear: lora_alpha must be a finite number > 0 (got {lora_alpha!r})")
-        if not (_is_number(lora_dropout) and 0 <= lora_dropout < 1):
+        if not (is_number(lora_dropout) and 0 <= lora_dropout < 1):
             raise ValueError(f"ElaLoRALinear: lora_dropout must be in [0, 1) (got {lora_dropout!r})")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
@@ -111,7 +111,7 @@ class ElaLoRALinear(nn.Module):
 
     def set_active_rank(self, rank: int) -> None:
         """Mark slots ``[0, rank)`` active (the allocator keeps them packed)."""
-        if not (_is_int(rank) and 1 <= rank <= self.r_max):
+        if not (is_int(rank) and 1 <= rank <= self.r_max):
             raise ValueError(f"active rank must be an int in [1, {self.r_max}] (got {rank!r})")
         with torch.no_grad():
             self.active.zero_()
@@ -186,14 +186,6 @@ class ElaLoRALinear(nn.Module):
             f"bias={self.bias is not None}, rank={self._rank}/{self.r_max}, "
             f"scale={self.scale:g}, dropout={self.lora_dropout:g}, merged={self.merged}"
         )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _refresh_rank_after_load(layer: ElaLoRALinear, incompatible_keys) -> None:

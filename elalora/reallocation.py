@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ._checks import is_int
+
 
 @dataclass
 class RoundPlan:
@@ -56,22 +58,18 @@ def plan_round(
     return plan
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_plan_inputs(scores, ranks, r_max, k, b) -> None:
     """Reject inputs that would give a wrong plan or an obscure error (once per round: cheap)."""
-    if not (_is_int(r_max) and r_max >= 1):
+    if not (is_int(r_max) and r_max >= 1):
         raise ValueError(f"plan_round: r_max must be an int >= 1 (got {r_max!r})")
-    if not (_is_int(k) and k >= 1):
+    if not (is_int(k) and k >= 1):
         raise ValueError(f"plan_round: k must be an int >= 1 (got {k!r})")
-    if not (_is_int(b) and b >= 0):
+    if not (is_int(b) and b >= 0):
         raise ValueError(f"plan_round: b must be an int >= 0 (got {b!r})")
     if len(scores) != len(ranks):
         raise ValueError(f"plan_round: scores has {len(scores)} rows but ranks has {len(ranks)} entries")
     for m, (row, r) in enumerate(zip(scores, ranks)):
-        if not (_is_int(r) and 1 <= r <= r_max):
+        if not (is_int(r) and 1 <= r <= r_max):
             raise ValueError(f"plan_round: ranks[{m}] must be an int in [1, r_max = {r_max}] (got {r!r})")
         if len(row) < r:
             raise ValueError(f"plan_round: scores[{m}] has {len(row)} entries, fewer than its rank {r}")

@@ -1,7 +1,6 @@
 """The orthogonality regulariser (ALGORITHM §6), a scalar to add to the loss."""
 from __future__ import annotations
 
-import math
 from typing import Sequence, Union
 
 import torch.nn as nn
@@ -9,6 +8,7 @@ from torch import Tensor
 
 import elalora_kernels
 
+from ._checks import is_number
 from .layer import ElaLoRALinear
 from .model import adapter_layers
 
@@ -27,7 +27,7 @@ def orth_penalty(source: Union[nn.Module, Sequence[ElaLoRALinear]], coeff: float
         raise TypeError(
             f"orth_penalty expects an nn.Module or a sequence of ElaLoRALinear, got {type(source).__name__}"
         )
-    if not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and math.isfinite(coeff) and coeff >= 0):
+    if not (is_number(coeff) and coeff >= 0):
         raise ValueError(f"orth_penalty: coeff must be a finite number >= 0 (got {coeff!r})")
     if not layers:
         raise ValueError("orth_penalty: no ElaLoRALinear layers found")
