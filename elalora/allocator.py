@@ -255,7 +255,7 @@ class RankAllocator:
         """Restore a state saved from the same model and config; anything else is rejected."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"RankAllocator.load_state_dict: not an allocator state of version {STATE_VERSION}")
-        missing = [k for k in ("t", "config", "layers", "ema_ipt", "ema_unc", "generator", "history") if k not in state]
+        missing = [k for k in ("t", "config", "layers", "ema_ipt", "ema_unc", "generator", "history", "ranks") if k not in state]
         if missing:
             raise ValueError(f"RankAllocator.load_state_dict: state is missing keys {missing}")
         if state["layers"] != self.names:
@@ -273,7 +273,7 @@ class RankAllocator:
             if not (isinstance(src, Tensor) and src.shape == self.ema_ipt.shape and src.dtype == torch.float32):
                 raise ValueError(f"RankAllocator.load_state_dict: {key} must be float32 of shape {tuple(self.ema_ipt.shape)}")
         ranks = [layer.active_rank for layer in self.layers]
-        if "ranks" in state and list(state["ranks"]) != ranks:
+        if list(state["ranks"]) != ranks:
             raise ValueError(
                 "RankAllocator.load_state_dict: the model's active ranks differ from the saved ones "
                 f"(saved {list(state['ranks'])}, model {ranks}); load the model's state_dict, "

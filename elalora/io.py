@@ -8,7 +8,7 @@ A saved adapter is a directory::
     adapter_model.safetensors  "<layer>.lora_P" [out, rank], "<layer>.lora_lam" [rank],
                                "<layer>.lora_Q" [rank, in] — active slots only — and
                                "extra.<param>" for other trainable parameters (e.g. a head)
-    allocator.json             (optional) step, config, layer names, round history
+    allocator.json             (optional) step, config, layer names, round history, ranks
     allocator.safetensors      (optional) the two float32 EMA buffers and the generator state (uint8)
 
 Nothing is ever unpickled: tensors come from safetensors, the rest from JSON.
@@ -192,6 +192,7 @@ def _save_allocator(allocator, directory: Path) -> None:
             "config": state["config"],
             "layers": state["layers"],
             "history": state["history"],
+            "ranks": state["ranks"],
             "tensors_sha256": digest,
         },
     )
@@ -377,6 +378,8 @@ def _read_allocator_state(directory: Path, allocator, saved_layers: list[str]) -
     state = allocator.state_dict()
     if meta.get("version") != state["version"]:
         raise AdapterLoadError(f"load_adapter: allocator state version {meta.get('version')} != {state['version']}")
+    if "ranks" not in meta:
+        raise AdapterLoadError(f"load_adapter: {ALLOC_JSON} has no 'ranks' (written by an older elalora)")
     if meta["layers"] != allocator.names or meta["layers"] != saved_layers:
         raise AdapterLoadError("load_adapter: the allocator state is for different layers than this allocator's")
     diff = {k: (v, state["config"].get(k)) for k, v in meta["config"].items() if state["config"].get(k) != v}
@@ -403,6 +406,7 @@ def _read_allocator_state(directory: Path, allocator, saved_layers: list[str]) -
         "ema_unc": tensors["ema_unc"].to(state["ema_unc"].device),
         "generator": gen,
         "history": meta["history"],
+        "ranks": meta["ranks"],
     }
 
 
