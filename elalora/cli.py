@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     demo.add_argument("--train-size", type=int, default=DEFAULTS["n_train"])
     demo.add_argument("--test-size", type=int, default=DEFAULTS["n_test"])
-    demo.add_argument("--data", default=None, help="path of movieReviewSnippets_GroundTruth.txt (default: data/)")
+    demo.add_argument(
+        "--data", default=None, help="path of movieReviewSnippets_GroundTruth.txt (default: elalora/data/)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     plot = sub.add_parser("plot", help="draw rank_heatmap.png and rank_history.png for a run directory")

