@@ -53,8 +53,16 @@ struct Coeffs {
 // Built for the portable baseline and for AVX2, picked at load time (GCC function
 // multiversioning): AVX2 widens bfloat16 faster (+14% measured); float32 is
 // memory-bound either way. AVX2 has no FMA, and -ffp-contract=off holds in both.
+//
+// Function multiversioning needs x86 and the ELF loader's ifunc (Linux); elsewhere,
+// or when built with -DELALORA_NO_TARGET_CLONES, only the baseline is compiled.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__) && !defined(ELALORA_NO_TARGET_CLONES)
+#define ELALORA_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define ELALORA_AVX2_CLONE
+#endif
 template <typename W, typename G>
-__attribute__((target_clones("avx2", "default"))) int64_t update(const W* __restrict__ w, const G* __restrict__ g, float* __restrict__ ipt, float* __restrict__ unc,
+ELALORA_AVX2_CLONE int64_t update(const W* __restrict__ w, const G* __restrict__ g, float* __restrict__ ipt, float* __restrict__ unc,
                int64_t n, Coeffs c) {
   int64_t skipped = 0;
 #pragma omp simd reduction(+ : skipped)
