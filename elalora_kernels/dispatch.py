@@ -3,6 +3,7 @@
 CUDA tensors go to Triton when it is installed, CPU tensors to the C++
 extension (the ``cpu`` backend falls back to vectorised torch by itself when
 the extension is missing). ``ELALORA_BACKEND=reference|cpu|triton`` forces one.
+Autocast is handled here, once, so every backend sees operands of one dtype.
 """
 from __future__ import annotations
 
@@ -42,7 +43,17 @@ def _module(device: torch.device) -> ModuleType:
 
 
 def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0):
-    return _module(x.device).adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p)
+    op = _module(x.device).adapter_linear
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return op(x, weight, bias, P, lam, Q, active, scale, dropout_p)
+    # Autocast, once for every backend: cast every operand to the autocast dtype, as
+    # autocast casts an nn.Linear, and run the op in that dtype with autocast off.
+    # The casts are autograd ops, so gradients come back in the parameters' dtype.
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight, bias, P, lam, Q = (t.to(dtype) if t is not None else None for t in (x, weight, bias, P, lam, Q))
+    with torch.autocast(device_type, enabled=False):
+        return op(x, weight, bias, P, lam, Q, active, scale, dropout_p)
 
 
 def score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2) -> int:

@@ -192,7 +192,7 @@ def test_autocast_bfloat16():
     exact = _run(reference.adapter_linear, _exact(inputs, torch.bfloat16), g.to(torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = _run(reference.adapter_linear, _cast(inputs, torch.float32), g)
-        ours = _run(adapter_linear, _cast(inputs, torch.float32), g)
+        ours = _run(elalora_kernels.adapter_linear, _cast(inputs, torch.float32), g)  # dispatch handles autocast
     assert ours[0].dtype == torch.bfloat16  # like nn.Linear and PEFT LoRA under autocast
     assert all(t.dtype == torch.float32 for t in ours[1:])  # gradients in the parameters' dtype
     _assert_within_eager_error(ours, eager, exact, torch.bfloat16)

@@ -22,10 +22,9 @@ over an N×r or N×out tensor: every scaling is applied to the r-wide factors.
 xₐ is x, or dropout(x) drawn exactly as ``F.dropout(x, p, training=True)``
 draws it (same RNG stream, same mask for one seed) as the first random op.
 
-Under ``torch.autocast`` every operand is cast to the autocast dtype (as
-autocast casts an ``nn.Linear``) and the op runs in that dtype, so the output
-is in the autocast dtype, like PEFT's LoRA layers. (The eager reference,
-whose ``⊙ λ`` is not an autocast op, promotes its output to float32 there.)
+Autocast is handled once for every backend by :mod:`elalora_kernels.dispatch`,
+which casts the operands to the autocast dtype and calls this op with
+autocast off.
 """
 from __future__ import annotations
 
@@ -119,11 +118,4 @@ def adapter_linear(
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Same signature and meaning as :func:`elalora_kernels.reference.adapter_linear`."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, P, lam, Q = (t.to(dtype) for t in (x, weight, P, lam, Q))
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return AdapterLinearFunction.apply(x, weight, bias, P, lam, Q, active, float(scale), float(dropout_p))
     return AdapterLinearFunction.apply(x, weight, bias, P, lam, Q, active, float(scale), float(dropout_p))
