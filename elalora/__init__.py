@@ -10,7 +10,7 @@ from .config import ElaLoRAConfig
 from .export import export_peft_lora
 from .io import AdapterLoadError, load_adapter, save_adapter
 from .layer import ElaLoRALinear
-from .model import adapter_layers, inject, merge, unmerge
+from .model import adapter_layers, inject, merge, merge_and_unload, print_trainable_parameters, unmerge
 from .reallocation import RoundPlan, plan_round
 from .regularizer import orth_penalty
 
@@ -28,8 +28,19 @@ __all__ = [
     "adapter_layers",
     "inject",
     "merge",
+    "merge_and_unload",
+    "print_trainable_parameters",
     "orth_penalty",
     "plan_round",
     "unmerge",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `elalora.integrations` needs transformers, an optional dependency: import it on first use.
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(".integrations", __name__)
+    raise AttributeError(f"module 'elalora' has no attribute {name!r}")

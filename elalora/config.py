@@ -7,10 +7,26 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ._checks import is_int, is_number
+from .architectures import TASK_TYPES
 
 
 def _fail(name: str, rule: str, value) -> None:
     raise ValueError(f"ElaLoRAConfig.{name} {rule} (got {value!r})")
+
+
+def _check_module_names(name: str, value) -> None:
+    """``None``, one valid regex string, or a non-empty tuple of non-empty names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not value:
+            _fail(name, "must not be empty", value)
+        try:
+            re.compile(value)
+        except re.error as err:
+            _fail(name, f"is not a valid regex ({err})", value)
+    elif not (isinstance(value, tuple) and value and all(isinstance(t, str) and t for t in value)):
+        _fail(name, "must be None, a regex string or a non-empty sequence of names", value)
 
 
 @dataclass(frozen=True)
@@ -22,13 +38,30 @@ class ElaLoRAConfig:
     layer: it is not rescaled when a layer's rank changes (as in the authors'
     code and AdaLoRA). ``total_steps`` may be left ``None`` when the allocator
     is given it later (for instance by the Trainer callback).
+
+    ``target_modules``: module-name suffixes (``"query"`` matches
+    ``encoder.layer.0.attention.self.query``) or one regex over the full name.
+    ``None`` (the default) picks the attention and MLP projections of a known
+    Hugging Face architecture (``elalora.architectures.DEFAULT_TARGETS``).
+
+    ``modules_to_save``: modules (suffixes or a regex, as for targets) that are
+    trained fully instead of frozen — typically a newly initialised task head —
+    and saved with the adapter. ``None`` takes the head that ``task_type`` adds.
+
+    ``task_type``: one of ``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
+    ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"FEATURE_EXTRACTION"`` or ``None``.
+    For the first three, ``modules_to_save=None`` means the task's head
+    (``classifier`` / ``pre_classifier`` / ``score``; ``qa_outputs``); the
+    language-model and feature tasks add no head.
     """
 
     r: int = 8
     r_max: Optional[int] = None
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: Union[str, Sequence[str]] = ("query", "value")
+    target_modules: Union[str, Sequence[str], None] = None
+    modules_to_save: Union[str, Sequence[str], None] = None
+    task_type: Optional[str] = None
     beta1: float = 0.85
     beta2: float = 0.85
     b: int = 4
@@ -44,8 +77,9 @@ class ElaLoRAConfig:
     def __post_init__(self) -> None:
         if self.r_max is None:
             object.__setattr__(self, "r_max", 2 * self.r if is_int(self.r) else None)
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("target_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:
@@ -88,18 +122,10 @@ class ElaLoRAConfig:
             _fail("rank_scheduler", "must be a bool", self.rank_scheduler)
         if not (is_number(self.orth_reg) and self.orth_reg >= 0):
             _fail("orth_reg", "must be a finite number >= 0", self.orth_reg)
-        targets = self.target_modules
-        if isinstance(targets, str):
-            if not targets:
-                _fail("target_modules", "must not be empty", targets)
-            try:
-                re.compile(targets)
-            except re.error as err:
-                _fail("target_modules", f"is not a valid regex ({err})", targets)
-        elif not (
-            isinstance(targets, tuple) and targets and all(isinstance(t, str) and t for t in targets)
-        ):
-            _fail("target_modules", "must be a regex string or a non-empty sequence of names", targets)
+        _check_module_names("target_modules", self.target_modules)
+        _check_module_names("modules_to_save", self.modules_to_save)
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            _fail("task_type", f"must be None or one of {TASK_TYPES}", self.task_type)
 
     @property
     def scale(self) -> float:
@@ -111,8 +137,9 @@ class ElaLoRAConfig:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if isinstance(out["target_modules"], tuple):
-            out["target_modules"] = list(out["target_modules"])
+        for name in ("target_modules", "modules_to_save"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
         return out
 
     @classmethod

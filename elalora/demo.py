@@ -263,7 +263,7 @@ def elalora_config(r: int, total_steps: int, seed: int, **overrides):
     from .config import ElaLoRAConfig
 
     fields = dict(
-        r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=SIX_MODULES, b=4, k=2,
+        r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=SIX_MODULES, task_type="SEQ_CLS", b=4, k=2,
         total_steps=total_steps, seed=seed, **elalora_schedule(total_steps),
     )
     fields.update(overrides)
@@ -302,7 +302,7 @@ def run_demo(
     """
     from . import io as elalora_io
     from .allocator import RankAllocator
-    from .model import inject
+    from .model import inject, modules_to_save_names
 
     wall = time.perf_counter()
     if threads:
@@ -327,8 +327,8 @@ def run_demo(
     print_fn(f"accuracy before fine-tuning (fresh head): {acc_before:.4f}")
 
     config = elalora_config(r, total_steps, seed)
-    names = inject(model, config)
-    head = unfreeze_head(model)
+    names = inject(model, config)  # task_type="SEQ_CLS": the fresh classifier head trains fully
+    head = modules_to_save_names(model, config)
     initial = {n: config.r for n in names}
 
     state: dict = {}
@@ -376,7 +376,7 @@ def run_demo(
             "steps": result["steps"],
             "train_seconds": round(result["train_seconds"], 2),
             "adapter_params": adapter_param_count(model),
-            "head_params": sum(p.numel() for n, p in model.named_parameters() if n in head),
+            "head_params": sum(p.numel() for name in head for p in model.get_submodule(name).parameters()),
             "torch": torch.__version__,
             "platform": platform.platform(),
         },

@@ -1,6 +1,8 @@
 """ElaLoRALinear: a drop-in nn.Linear with an elastic-rank SVD-form adapter."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,6 +11,15 @@ from torch import Tensor
 import elalora_kernels
 
 from ._checks import is_int, is_number
+
+
+def conv1d_class():
+    """``transformers.pytorch_utils.Conv1D`` if transformers is loaded, else ``None``.
+
+    A model holding a Conv1D has imported transformers already, so this never
+    imports it (transformers stays optional and ``import elalora`` stays fast).
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 class ElaLoRALinear(nn.Module):
@@ -20,7 +31,12 @@ class ElaLoRALinear(nn.Module):
     says which slots are in use; the allocator keeps active slots packed at the
     front, so eager forward reads only the first ``active_rank`` slots and the
     adapter costs what its active rank costs. ``W0`` and ``bias`` are frozen.
+
+    Wrapping a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``) keeps that
+    weight as it is (``fan_in_fan_out``) and hands the kernels its transpose.
     """
+
+    fan_in_fan_out = False  # True when ``weight`` is stored [in, out], as in transformers' Conv1D
 
     def __init__(
         self,
@@ -58,11 +74,14 @@ class ElaLoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> "ElaLoRALinear":
-        """Wrap an existing layer; its weight and bias Parameters are shared, not copied."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Wrap an ``nn.Linear`` or a transformers ``Conv1D``; its weight and bias Parameters are shared, not copied."""
+        conv1d = conv1d_class()
+        is_conv1d = conv1d is not None and isinstance(linear, conv1d)
+        if not (isinstance(linear, nn.Linear) or is_conv1d):
+            raise TypeError(f"from_linear expects an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer.fan_in_fan_out = is_conv1d
         layer._setup(linear.weight, linear.bias, r, r_max, lora_alpha, lora_dropout, generator)
         return layer
 
@@ -82,7 +101,7 @@ class ElaLoRALinear(nn.Module):
             )
         if not weight.is_floating_point():
             raise TypeError(f"ElaLoRALinear: weight must be floating point (got {weight.dtype})")
-        out_features, in_features = weight.shape
+        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.r_init, self.r_max = r, r_max
         self.scale = lora_alpha / r  # fixed: not rescaled when the rank changes (ALGORITHM §1)
@@ -104,6 +123,11 @@ class ElaLoRALinear(nn.Module):
         self.merged = False
         self.register_load_state_dict_post_hook(_refresh_rank_after_load)
 
+    @property
+    def base_weight(self) -> Tensor:
+        """``W0`` as ``[out, in]`` (a transposed view of a Conv1D weight: writes reach the Parameter)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     # ----------------------------------------------------------------- rank
     @property
     def active_rank(self) -> int:
@@ -122,13 +146,13 @@ class ElaLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight, self.bias)
         # Under torch.compile use every slot with the mask, so that a change of
         # rank changes a buffer's values, not a shape (no recompilation).
         r = self.r_max if torch.compiler.is_compiling() else self._rank
         return elalora_kernels.adapter_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             self.lora_P[:, :r],
             self.lora_lam[:r],
@@ -170,20 +194,20 @@ class ElaLoRALinear(nn.Module):
         """Fold ΔW into W0 for inference; ranks must not change while merged."""
         if self.merged:
             raise RuntimeError("ElaLoRALinear.merge: layer is already merged")
-        self.weight.add_(self.delta_weight())
+        self.base_weight.add_(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("ElaLoRALinear.unmerge: layer is not merged")
-        self.weight.sub_(self.delta_weight())
+        self.base_weight.sub_(self.delta_weight())
         self.merged = False
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, rank={self._rank}/{self.r_max}, "
+            f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, rank={self._rank}/{self.r_max}, "
             f"scale={self.scale:g}, dropout={self.lora_dropout:g}, merged={self.merged}"
         )
 

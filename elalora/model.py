@@ -1,4 +1,4 @@
-"""Whole-model operations: inject adapters, find them, merge and unmerge them."""
+"""Whole-model operations: choose and inject adapters, find them, merge them, count parameters."""
 from __future__ import annotations
 
 import re
@@ -6,8 +6,11 @@ import re
 import torch
 import torch.nn as nn
 
+from .architectures import default_targets, model_type, task_heads
 from .config import ElaLoRAConfig
-from .layer import ElaLoRALinear
+from .layer import ElaLoRALinear, conv1d_class
+
+CONFIG_ATTR = "elalora_config"  # inject records its config on the model under this name
 
 
 def _matches(name: str, targets) -> bool:
@@ -16,19 +19,87 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _is_adaptable(module: nn.Module) -> bool:
+    # Exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are used through their weight.
+    conv1d = conv1d_class()
+    return type(module) is nn.Linear or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers ElaLoRA can adapt: plain ``nn.Linear`` and transformers' ``Conv1D``."""
+    return [n for n, m in model.named_modules() if _is_adaptable(m)]
+
+
+def _describe_linears(model: nn.Module) -> str:
+    names = linear_layer_names(model)
+    suffixes = sorted({n.rpartition(".")[2] for n in names})
+    return f"the model's linear layers include {names[:6]} (their last name parts: {suffixes})"
+
+
+def resolve_targets(model: nn.Module, config: ElaLoRAConfig):
+    """``config.target_modules``, or the architecture's default when it is ``None``."""
+    if config.target_modules is not None:
+        return config.target_modules
+    targets = default_targets(model)
+    if targets is None:
+        raise ValueError(
+            f"inject: target_modules=None but the architecture {model_type(model)!r} has no default targets; "
+            f"pass target_modules; {_describe_linears(model)}"
+        )
+    return targets
+
+
+def modules_to_save_names(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
+    """Names of the modules trained fully and saved with the adapter (outermost matches only).
+
+    An explicit ``modules_to_save`` entry that matches no module is an error; the
+    task's default heads need only match one module between them.
+    """
+    explicit = config.modules_to_save
+    patterns = explicit if explicit is not None else task_heads(model, config.task_type)
+    if not patterns:
+        return []
+    names = [n for n, _ in model.named_modules() if n and _matches(n, patterns)]
+    if explicit is not None:
+        # a regex string is one entry; each name of a list is its own entry
+        entries = [explicit] if isinstance(explicit, str) else [(name,) for name in explicit]
+        for entry in entries:
+            if not any(_matches(n, entry) for n in names):
+                shown = entry if isinstance(entry, str) else entry[0]
+                raise ValueError(f"inject: modules_to_save entry {shown!r} matches no module of the model")
+    elif not names:
+        raise ValueError(
+            f"inject: task_type={config.task_type!r} expects a head named one of {list(patterns)}, "
+            "but the model has none; pass modules_to_save"
+        )
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+
 def target_names(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
-    """Names of the plain ``nn.Linear`` modules of ``model`` that ``config.target_modules`` selects."""
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, config.target_modules)]
+    """Names of the layers of ``model`` that ``config`` adapts, in model order.
+
+    Layers inside a ``modules_to_save`` module are left out: that module trains fully.
+    """
+    targets = resolve_targets(model, config)
+    saved = modules_to_save_names(model, config)
+    return [
+        n for n in linear_layer_names(model)
+        if _matches(n, targets) and not any(n == s or n.startswith(s + ".") for s in saved)
+    ]
 
 
 def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
-    """Replace every target ``nn.Linear`` of ``model`` by an ElaLoRALinear, in place.
+    """Replace every target ``nn.Linear`` / ``Conv1D`` of ``model`` by an ElaLoRALinear, in place.
 
     Targets match a module's full name exactly or by its last dotted parts
     (``"query"`` matches ``encoder.layer.0.attention.self.query``); a string
-    ``target_modules`` is a regex over the full name. Every parameter except
-    the adapters' P, λ, Q is frozen. Returns the adapted names in model order.
-    Adapter initialisation draws from a generator seeded with ``config.seed``.
+    ``target_modules`` is a regex over the full name; ``None`` takes the
+    architecture's defaults. Every parameter is frozen except the adapters'
+    P, λ, Q and the ``modules_to_save`` modules (by default the head that
+    ``task_type`` adds). All checks run before the model is changed. Returns
+    the adapted names in model order. Adapter initialisation draws from a
+    generator seeded with ``config.seed``. The config is kept as
+    ``model.elalora_config`` for ``save_pretrained``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects an nn.Module as model, got {type(model).__name__}")
@@ -38,13 +109,15 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
         raise ValueError("inject: model already holds ElaLoRA adapters")
     names = target_names(model, config)
     if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
-            f"inject: target_modules={config.target_modules!r} matched no nn.Linear; "
-            f"the model's linear layers include {linears[:8]}"
+            f"inject: target_modules={resolve_targets(model, config)!r} matched no nn.Linear or Conv1D layer; "
+            f"{_describe_linears(model)}"
         )
+    saved = modules_to_save_names(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
     generator = torch.Generator().manual_seed(config.seed)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -58,7 +131,19 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
             generator=generator,
         )
         setattr(parent, child, layer)
+    if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+        # With a frozen embedding, reentrant checkpointing would see inputs that need no gradient
+        # and skip the adapters' backward; PEFT makes the embedding output require grad likewise.
+        model.enable_input_require_grads()
+    setattr(model, CONFIG_ATTR, config)
     return names
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has activation (gradient) checkpointing on (renamed in transformers 5)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, ElaLoRALinear]]:
@@ -75,3 +160,60 @@ def merge(model: nn.Module) -> None:
 def unmerge(model: nn.Module) -> None:
     for _, layer in adapter_layers(model):
         layer.unmerge()
+
+
+def _plain_module(layer: ElaLoRALinear) -> nn.Module:
+    """The ``nn.Linear`` / ``Conv1D`` that ``layer`` wrapped, holding ``layer``'s (merged) Parameters."""
+    with torch.device("meta"):  # built without allocating: its Parameters are replaced right away
+        if layer.fan_in_fan_out:
+            plain = conv1d_class()(layer.out_features, layer.in_features)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    plain.weight = layer.weight
+    plain.bias = layer.bias
+    return plain
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put the plain base layer back; returns ``model``.
+
+    The result has no ElaLoRA modules: ``model.save_pretrained`` of a Hugging
+    Face model then loads with plain ``transformers``. Layers merged already
+    (``elalora.merge``) are unloaded as they are. ``modules_to_save`` keep their
+    trained weights.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("merge_and_unload: model has no ElaLoRA adapters")
+    for name, layer in layers:
+        if not layer.merged:
+            layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _plain_module(layer))
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters, and the adapters' active parameters vs their allocated capacity."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+        "adapter_active": sum(l.active_rank * (l.in_features + l.out_features + 1) for l in layers),
+        "adapter_capacity": sum(l.r_max * (l.in_features + l.out_features + 1) for l in layers),
+    }
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print what trains: all trainable parameters, and the active adapter ranks' share of their ``r_max`` slots."""
+    c = parameter_counts(model)
+    print(
+        f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+        f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f}"
+    )
+    print(
+        f"ElaLoRA adapters: {c['adapter_active']:,} active of {c['adapter_capacity']:,} allocated (r_max slots) "
+        f"|| active%: {100 * c['adapter_active'] / max(c['total'], 1):.4f} of all params"
+    )

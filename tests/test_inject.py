@@ -73,3 +73,67 @@ def test_model_merge_unmerge():
     unmerge(model)
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     assert all(isinstance(m, ElaLoRALinear) for _, m in adapter_layers(model))
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(Block(), Block())
+        self.classifier = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+@pytest.mark.parametrize("modules_to_save", [("classifier",), r"classifier", None])
+def test_modules_to_save_train_fully_and_are_not_adapted(modules_to_save):
+    model = Classifier()
+    task = "SEQ_CLS" if modules_to_save is None else None  # None: the task's default head
+    # "0" also names classifier.0, which is left out: the head trains fully
+    config = ElaLoRAConfig(r=2, target_modules=("query", "key", "value", "0"), modules_to_save=modules_to_save,
+                           task_type=task)
+    names = inject(model, config)
+    assert names == ["body.0.query", "body.0.key", "body.0.value", "body.1.query", "body.1.key", "body.1.value"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    assert trainable == {"classifier.0.weight", "classifier.0.bias", "classifier.2.weight", "classifier.2.bias"}
+    assert model.elalora_config is config
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"modules_to_save": ("classifier", "head")}, r"modules_to_save entry 'head' matches no module"),
+        ({"modules_to_save": r"heads?"}, r"modules_to_save entry 'heads\?' matches no module"),
+        ({"task_type": "QUESTION_ANS"}, r"task_type='QUESTION_ANS' expects a head named one of \['qa_outputs'\]"),
+        ({"target_modules": ("attention",)}, r"matched no nn.Linear or Conv1D layer"),
+    ],
+)
+def test_bad_modules_raise_and_leave_the_model_unchanged(fields, message):
+    model = Classifier()
+    before = {n: (p.requires_grad, p.clone()) for n, p in model.named_parameters()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=message):
+        inject(model, ElaLoRAConfig(r=2, **{"target_modules": ("query",), **fields}))
+    assert [type(m) for m in model.modules()] == modules
+    for n, p in model.named_parameters():
+        assert p.requires_grad == before[n][0] and torch.equal(p, before[n][1])
+    assert not hasattr(model, "elalora_config")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"task_type": "CLASSIFY"}, r"task_type must be None or one of"),
+        ({"modules_to_save": []}, r"modules_to_save must be None, a regex string or a non-empty sequence"),
+        ({"modules_to_save": "(["}, r"modules_to_save is not a valid regex"),
+    ],
+)
+def test_config_rejects_bad_task_and_modules(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ElaLoRAConfig(**fields)
+
+
+def test_config_round_trips_new_fields():
+    config = ElaLoRAConfig(modules_to_save=["classifier"], task_type="SEQ_CLS")
+    assert config.modules_to_save == ("classifier",)
+    assert ElaLoRAConfig.from_dict(config.to_dict()) == config

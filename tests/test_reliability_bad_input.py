@@ -101,7 +101,7 @@ def test_layer_constructor_rejects_bad_features(in_f, out_f):
 
 
 def test_from_linear_rejects_non_linear():
-    with pytest.raises(TypeError, match=r"from_linear expects an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match=r"from_linear expects an nn.Linear or transformers' Conv1D, got Conv1d"):
         ElaLoRALinear.from_linear(nn.Conv1d(2, 2, 1))
 
 
