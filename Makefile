@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.elalora-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml MANIFEST.in $(wildcard csrc/*.cpp csrc/cuda/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --upgrade setuptools wheel pybind11 ninja
+	$(PY) -m pip install --upgrade "setuptools>=77" wheel ninja
 	$(PY) -m pip install --no-build-isolation -e ".[test,demo]"
 	touch $(STAMP)
 
@@ -22,8 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Everything but the slow tests and those that start other processes (wheel build, DDP workers, ...).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow and not subprocess" $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/compare.py
 
+# Also the compiled extensions that the editable install put next to the sources.
 clean:
-	rm -rf build *.egg-info $(VENV)
+	rm -rf build dist *.egg-info elalora_kernels/_C*.so elalora_kernels/_C*.pyd $(VENV)

@@ -31,8 +31,9 @@ def load() -> ModuleType | None:
                 _loaded, _error = None, str(error)
                 warnings.warn(
                     "elalora: the C++ CPU extension elalora_kernels._C is not available "
-                    f"({error}); using the slower vectorised torch fallback. Reinstall with a C++ "
-                    "compiler present (pip install --no-build-isolation -e .) to build it.",
+                    f"({error}); using the slower vectorised torch fallback. To build it, reinstall with a C++ "
+                    "compiler present: pip install -v --no-build-isolation --no-deps --force-reinstall "
+                    "elalora (or -e . in a checkout); -v shows why a build fails.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
