@@ -34,6 +34,7 @@ def test_labels_and_split():
         demo.split_examples(examples, 10000, 1000)
 
 
+@pytest.mark.slow
 def test_demo_cli_end_to_end_on_the_real_model(tmp_path, capsys):
     out = tmp_path / "run"
     threads = torch.get_num_threads()

@@ -39,6 +39,7 @@ def _launch(out_dir, steps: int):
     return [p.returncode for p in procs], outputs
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_two_processes_stay_bit_identical(tmp_path):
     steps = 16

@@ -22,6 +22,7 @@ def _run(mode: str, out_dir, steps: int) -> None:
     assert proc.returncode == 0, f"{mode} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
+@pytest.mark.subprocess
 def test_resume_in_fresh_process_is_bit_identical(tmp_path):
     steps = 16
     _run("full", tmp_path, steps)
