@@ -27,7 +27,7 @@ from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear
 from .model import adapter_layers
 from .reallocation import plan_round
-from .schedule import STABLE, budget, is_round_step, phase
+from .schedule import Phase, budget, is_round_step, phase
 
 logger = logging.getLogger("elalora")
 
@@ -55,7 +55,7 @@ class StepInfo:
     """What one ``RankAllocator.step`` did."""
 
     t: int
-    phase: int
+    phase: Phase
     nonfinite: int = 0  # elements whose |w·g| was inf/nan; their EMAs were left unchanged
     round: Optional[RoundRecord] = None
     skipped: bool = False  # the optimizer skipped this step, so the allocator did too
@@ -144,7 +144,7 @@ class RankAllocator:
             return info
         if any(layer.merged for layer in self.layers):
             raise RuntimeError("RankAllocator.step: unmerge the adapters before training")
-        if info.phase != STABLE:
+        if info.phase != Phase.STABLE:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             info.nonfinite = elalora_kernels.score_ema_update(
                 self.params, grads, self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2

@@ -1,18 +1,26 @@
 """The three-phase schedule and the rank scheduler (ALGORITHM §5)."""
 from __future__ import annotations
 
+from enum import IntEnum
+
 from .config import ElaLoRAConfig
 
-WARMUP, DYNAMIC, STABLE = 1, 2, 3
+
+class Phase(IntEnum):
+    """Where step t is in training; an int (1, 2, 3) in logs and run records."""
+
+    WARMUP = 1  # t ≤ t_init: scores accumulate, ranks stay
+    DYNAMIC = 2  # t_init < t < T − t_final: a round every mask_interval steps
+    STABLE = 3  # t ≥ T − t_final: ranks frozen, scores no longer updated
 
 
-def phase(t: int, config: ElaLoRAConfig) -> int:
-    """1 warm-up (t ≤ t_init), 2 dynamic (t_init < t < T − t_final), 3 stabilisation."""
+def phase(t: int, config: ElaLoRAConfig) -> Phase:
+    """The phase of optimizer step ``t`` (1-based)."""
     if t <= config.t_init:
-        return WARMUP
+        return Phase.WARMUP
     if t < config.total_steps - config.t_final:
-        return DYNAMIC
-    return STABLE
+        return Phase.DYNAMIC
+    return Phase.STABLE
 
 
 def budget(t: int, config: ElaLoRAConfig) -> int:
@@ -27,7 +35,7 @@ def budget(t: int, config: ElaLoRAConfig) -> int:
 def is_round_step(t: int, config: ElaLoRAConfig) -> bool:
     """A round runs in phase 2 every ``mask_interval`` steps after t_init, if ``b_t > 0``."""
     return (
-        phase(t, config) == DYNAMIC
+        phase(t, config) == Phase.DYNAMIC
         and (t - config.t_init) % config.mask_interval == 0
         and budget(t, config) > 0
     )

@@ -2,7 +2,7 @@
 import pytest
 
 from elalora import ElaLoRAConfig
-from elalora.schedule import DYNAMIC, STABLE, WARMUP, budget, is_round_step, phase
+from elalora.schedule import Phase, budget, is_round_step, phase
 
 CONFIG = ElaLoRAConfig(t_init=10, t_final=20, total_steps=100, mask_interval=5, b=4)
 
@@ -10,16 +10,16 @@ CONFIG = ElaLoRAConfig(t_init=10, t_final=20, total_steps=100, mask_interval=5, 
 @pytest.mark.parametrize(
     "t,expected_phase,expected_budget",
     [
-        (0, WARMUP, 4),
-        (10, WARMUP, 4),  # t_init: still warm-up, p = 0
-        (11, DYNAMIC, 4),  # t_init + 1: p = 1/70
-        (79, DYNAMIC, 0),  # T - t_final - 1: p = 69/70, 4·(1 − p³) = 0.17 -> 0
-        (80, STABLE, 0),  # T - t_final: p = 1
-        (99, STABLE, 0),
+        (0, Phase.WARMUP, 4),
+        (10, Phase.WARMUP, 4),  # t_init: still warm-up, p = 0
+        (11, Phase.DYNAMIC, 4),  # t_init + 1: p = 1/70
+        (79, Phase.DYNAMIC, 0),  # T - t_final - 1: p = 69/70, 4·(1 − p³) = 0.17 -> 0
+        (80, Phase.STABLE, 0),  # T - t_final: p = 1
+        (99, Phase.STABLE, 0),
     ],
 )
 def test_boundaries(t, expected_phase, expected_budget):
-    assert phase(t, CONFIG) == expected_phase
+    assert phase(t, CONFIG) is expected_phase
     assert budget(t, CONFIG) == expected_budget
 
 
