@@ -1,4 +1,4 @@
-"""Score+EMA over every adapter tensor (ALGORITHM §2): ours vs PEFT's update_ipt, a compiled in-place
+"""Score+EMA over every adapter tensor (docs/ALGORITHM.md §2): ours vs PEFT's update_ipt, a compiled in-place
 eager loop, and a copy of the same bytes.  Run: pytest benchmarks/bench_cpu_score_ema.py"""
 import pytest
 

@@ -75,7 +75,7 @@ def machine() -> str:
 def bench_score(rounds: int, lines: list[str]) -> list[tuple[str, bool]]:
     targets = []
     lines += [
-        "### Score + EMA update (ALGORITHM §2), all adapter tensors of a model per call",
+        "### Score + EMA update (docs/ALGORITHM.md §2), all adapter tensors of a model per call",
         "",
         "float32 parameters and gradients, float32 EMAs in two flat buffers (as the allocator holds them). "
         "Bandwidth counts the op's floor of 24 B/element (read w, g, Ī, Ū; write Ī, Ū). "

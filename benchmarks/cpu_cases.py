@@ -265,7 +265,7 @@ def timed(fn) -> float:
 class AllocatorBench:
     score_step: callable  # allocator.step() on a step that only updates the scores
     round_step: callable  # allocator.step() on a step that also runs a reallocation round
-    rank_scores: callable  # the round's rank scores alone (ALGORITHM §3)
+    rank_scores: callable  # the round's rank scores alone (docs/ALGORITHM.md §3)
     n_adapted: int
 
 

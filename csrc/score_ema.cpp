@@ -1,4 +1,4 @@
-// ALGORITHM.md §2 on the CPU: the importance score + EMA update of every
+// docs/ALGORITHM.md §2 on the CPU: the importance score + EMA update of every
 // adapter tensor of a model in one OpenMP-parallel pass.
 //
 // For each element, with w the parameter and g its gradient:
@@ -213,5 +213,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "elalora C++ CPU kernels";
   m.def("score_ema_update", &score_ema_update, pybind11::arg("params"), pybind11::arg("grads"),
         pybind11::arg("ema_ipt"), pybind11::arg("ema_unc"), pybind11::arg("beta1"), pybind11::arg("beta2"),
-        "ALGORITHM §2 over every tensor in one parallel pass; returns the number of non-finite elements skipped.");
+        "docs/ALGORITHM.md §2 over every tensor in one parallel pass; returns the number of non-finite elements skipped.");
 }

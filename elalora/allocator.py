@@ -164,7 +164,7 @@ class RankAllocator:
 
     # ---------------------------------------------------------------- round
     def rank_scores(self) -> Tensor:
-        """ALGORITHM §3 scores of every slot: float32 [layers, r_max]."""
+        """docs/ALGORITHM.md §3 scores of every slot: float32 [layers, r_max]."""
         ipt = [tuple(self._ipt_views[3 * i : 3 * i + 3]) for i in range(len(self.layers))]
         unc = [tuple(self._unc_views[3 * i : 3 * i + 3]) for i in range(len(self.layers))]
         return elalora_kernels.rank_scores(ipt, unc)
@@ -212,7 +212,7 @@ class RankAllocator:
         return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
 
     def _init_slot(self, m: int, slot: int) -> None:
-        """ALGORITHM §4.6: a new rank orthogonal to the active ones, λ ≈ 0, zero EMAs and moments."""
+        """docs/ALGORITHM.md §4.6: a new rank orthogonal to the active ones, λ ≈ 0, zero EMAs and moments."""
         layer = self.layers[m]
         for tensor, dim in self._slot_tensors(m):
             tensor.select(dim, slot).zero_()
@@ -325,7 +325,7 @@ def _one_thread():
 
 
 def _orthogonal_unit(rows: Tensor, generator: torch.Generator) -> Tensor:
-    """A unit vector orthogonal to every row of ``rows`` [k, d] (ALGORITHM §4.6, exact removal).
+    """A unit vector orthogonal to every row of ``rows`` [k, d] (docs/ALGORITHM.md §4.6, exact removal).
 
     Drawn in float64 on the CPU from ``generator``, so decisions and values do
     not depend on the device. The span is removed twice against an orthonormal

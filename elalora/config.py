@@ -31,7 +31,7 @@ def _check_module_names(name: str, value) -> None:
 
 @dataclass(frozen=True)
 class ElaLoRAConfig:
-    """Hyper-parameters of ElaLoRA (names as in ALGORITHM.md).
+    """Hyper-parameters of ElaLoRA (names as in docs/ALGORITHM.md).
 
     ``r`` is the initial rank of every adapted matrix and ``r_max`` its slot
     capacity (default ``2·r``). The scale ``s = lora_alpha / r`` is fixed per

@@ -16,7 +16,7 @@ What the callback does, and where:
   ``on_save`` is loaded, so the run continues bit for bit.
 * ``on_optimizer_step``: steps the allocator. In transformers 5.x this event
   fires right after ``optimizer.step()`` and before ``lr_scheduler.step()`` and
-  ``model.zero_grad()`` — exactly where ALGORITHM.md needs it (gradients are
+  ``model.zero_grad()`` — exactly where docs/ALGORITHM.md needs it (gradients are
   the clipped ones that were just applied). ``on_step_end`` would be too late:
   the gradients are gone by then. A step the optimizer skipped (fp16
   ``GradScaler`` overflow, reported by Accelerate's ``step_was_skipped``) is

@@ -104,7 +104,7 @@ class ElaLoRALinear(nn.Module):
         out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.r_init, self.r_max = r, r_max
-        self.scale = lora_alpha / r  # fixed: not rescaled when the rank changes (ALGORITHM §1)
+        self.scale = lora_alpha / r  # fixed: not rescaled when the rank changes (docs/ALGORITHM.md §1)
         self.lora_dropout = float(lora_dropout)
         self.weight = weight
         self.bias = bias

@@ -1,4 +1,4 @@
-"""Which ranks a round prunes and where it adds new ones (ALGORITHM §4.1–4.5).
+"""Which ranks a round prunes and where it adds new ones (docs/ALGORITHM.md §4.1–4.5).
 
 Pure Python on a table of rank scores, so every decision is testable on
 hand-built numbers and identical on every process of a data-parallel job.

@@ -1,4 +1,4 @@
-"""The orthogonality regulariser (ALGORITHM §6), a scalar to add to the loss."""
+"""The orthogonality regulariser (docs/ALGORITHM.md §6), a scalar to add to the loss."""
 from __future__ import annotations
 
 from typing import Sequence, Union

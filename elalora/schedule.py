@@ -1,4 +1,4 @@
-"""The three-phase schedule and the rank scheduler (ALGORITHM §5)."""
+"""The three-phase schedule and the rank scheduler (docs/ALGORITHM.md §5)."""
 from __future__ import annotations
 
 from enum import IntEnum

@@ -1,4 +1,4 @@
-"""Rank scores (ALGORITHM §3) and the orthogonality penalty (§6) for all
+"""Rank scores (docs/ALGORITHM.md §3) and the orthogonality penalty (§6) for all
 matrices at once, on any device.
 
 Matrices are grouped by shape and each group is computed with batched tensor
@@ -32,7 +32,7 @@ def rank_scores(
     ipt: Sequence[tuple[Tensor, Tensor, Tensor]],
     unc: Sequence[tuple[Tensor, Tensor, Tensor]],
 ) -> Tensor:
-    """ALGORITHM §3: float32 [M, r_max], bit-identical to the reference.
+    """docs/ALGORITHM.md §3: float32 [M, r_max], bit-identical to the reference.
 
     ``S_j = Ī(λ_j)Ū(λ_j) + (mean_i Ī(Q_ji)Ū(Q_ji) + mean_o Ī(P_oj)Ū(P_oj))`` with
     the two means added first; each group's means reduce the same rows in the
@@ -84,7 +84,7 @@ def orth_penalty(
     actives: Sequence[Tensor],
     coeff: float,
 ) -> Tensor:
-    """ALGORITHM §6: ``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks, float32.
+    """docs/ALGORITHM.md §6: ``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks, float32.
 
     Every Q [r, in] and every Pᵀ [r, out] is a set of r row vectors whose Gram
     matrix is compared with the identity; rows of inactive slots are zeroed,

@@ -1,5 +1,5 @@
 """Eager PyTorch version of every op: readable, slow, and the oracle every
-fast backend is tested against. Formulas follow ALGORITHM.md section by section.
+fast backend is tested against. Formulas follow docs/ALGORITHM.md section by section.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def adapter_linear(
     scale: float,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """ALGORITHM §1: ``x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ (λ·active)) Pᵀ``.
+    """docs/ALGORITHM.md §1: ``x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ (λ·active)) Pᵀ``.
 
     ``active`` is a boolean mask over the rank slots; an inactive slot adds
     nothing and receives zero gradient. Dropout is ``F.dropout(x, p)`` drawn
@@ -41,7 +41,7 @@ def score_ema_update(
     beta1: float,
     beta2: float,
 ) -> int:
-    """ALGORITHM §2, in place on the float32 EMAs of every tensor.
+    """docs/ALGORITHM.md §2, in place on the float32 EMAs of every tensor.
 
     Elements whose ``|w·g|`` is not finite keep their EMAs; returns how many.
     """
@@ -52,7 +52,7 @@ def score_ema_update(
 
 
 def score_ema_update_one(w: Tensor, g: Tensor, ipt_ema: Tensor, unc_ema: Tensor, beta1: float, beta2: float) -> Tensor:
-    """ALGORITHM §2 for one tensor, in place; returns the non-finite count as a tensor (no host sync)."""
+    """docs/ALGORITHM.md §2 for one tensor, in place; returns the non-finite count as a tensor (no host sync)."""
     ipt = (w.float() * g.float()).abs()
     finite = torch.isfinite(ipt)
     new_ipt = beta1 * ipt_ema + (1 - beta1) * ipt
@@ -66,7 +66,7 @@ def rank_scores(
     ipt: Sequence[tuple[Tensor, Tensor, Tensor]],
     unc: Sequence[tuple[Tensor, Tensor, Tensor]],
 ) -> Tensor:
-    """ALGORITHM §3 for M matrices sharing ``r_max``: returns float32 [M, r_max].
+    """docs/ALGORITHM.md §3 for M matrices sharing ``r_max``: returns float32 [M, r_max].
 
     ``ipt[m]`` and ``unc[m]`` are the (P, λ, Q) EMAs of matrix m, shapes
     [out, r_max], [r_max], [r_max, in]. The two means are added first.
@@ -83,7 +83,7 @@ def orth_penalty(
     actives: Sequence[Tensor],
     coeff: float,
 ) -> Tensor:
-    """ALGORITHM §6: ``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks, float32."""
+    """docs/ALGORITHM.md §6: ``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks, float32."""
     total = Ps[0].new_zeros((), dtype=torch.float32)
     for P, Q, active in zip(Ps, Qs, actives, strict=True):
         q = Q[active].float()

@@ -1,4 +1,4 @@
-"""plan_round on hand-built score tables (ALGORITHM §4) and its invariants on random ones."""
+"""plan_round on hand-built score tables (docs/ALGORITHM.md §4) and its invariants on random ones."""
 import random
 
 import pytest

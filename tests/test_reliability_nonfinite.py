@@ -1,4 +1,4 @@
-"""Non-finite gradients (ALGORITHM §2 deviation) and optimizer-skipped steps.
+"""Non-finite gradients (docs/ALGORITHM.md §2 deviation) and optimizer-skipped steps.
 
 * An element whose |w·g| is inf/nan keeps its EMAs; the count is returned in
   StepInfo.nonfinite and a RuntimeWarning is issued.

@@ -1,4 +1,4 @@
-"""Phases and the rank scheduler at the boundary steps (ALGORITHM §5)."""
+"""Phases and the rank scheduler at the boundary steps (docs/ALGORITHM.md §5)."""
 import pytest
 
 from elalora import ElaLoRAConfig

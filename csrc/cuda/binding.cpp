@@ -43,7 +43,7 @@ void score_ema_launch(const at::Tensor& ptrs, const at::Tensor& numels, const at
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "elalora CUDA kernels: multi-tensor score + EMA update (ALGORITHM §2)";
+  m.doc() = "elalora CUDA kernels: multi-tensor score + EMA update (docs/ALGORITHM.md §2)";
   m.attr("CHUNK") = elalora::kScoreEmaChunk;
   m.def("score_ema_launch", &score_ema_launch, "Multi-tensor score+EMA over prebuilt device tables",
         pybind11::arg("ptrs"), pybind11::arg("numels"), pybind11::arg("blocks"), pybind11::arg("count"),

@@ -1,4 +1,4 @@
-// Multi-tensor score + EMA update (ALGORITHM.md §2) in plain CUDA C++.
+// Multi-tensor score + EMA update (docs/ALGORITHM.md §2) in plain CUDA C++.
 //
 //   ipt = |w * g|;  I <- b1*I + (1-b1)*ipt;  U <- b2*U + (1-b2)*|ipt - I|   (new I)
 //

@@ -1,4 +1,4 @@
-// Multi-tensor score + EMA update (ALGORITHM.md §2) — plain CUDA C++ entry point.
+// Multi-tensor score + EMA update (docs/ALGORITHM.md §2) — plain CUDA C++ entry point.
 //
 // The tables are the ones elalora_kernels/triton/score_ema.py builds and caches:
 //   ptrs   int64 [T, 4]  device addresses of (w, g, ema_ipt, ema_unc) per tensor

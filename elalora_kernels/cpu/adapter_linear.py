@@ -1,4 +1,4 @@
-"""ALGORITHM §1 as one autograd op with a hand-written backward.
+"""docs/ALGORITHM.md §1 as one autograd op with a hand-written backward.
 
     y = x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ (λ·active)) Pᵀ
 

@@ -1,4 +1,4 @@
-"""ALGORITHM §2 for every adapter tensor at once.
+"""docs/ALGORITHM.md §2 for every adapter tensor at once.
 
 CPU tensors go to the C++ extension: one OpenMP pass over all tensors that
 reads (w, g, Ī, Ū) once and writes (Ī, Ū) once, bit-identical to

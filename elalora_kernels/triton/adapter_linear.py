@@ -1,4 +1,4 @@
-"""ALGORITHM §1 — the adapted linear layer, forward and hand-written backward.
+"""docs/ALGORITHM.md §1 — the adapted linear layer, forward and hand-written backward.
 
     y = x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ λ_eff) Pᵀ,    λ_eff = λ·active
 

@@ -1,4 +1,4 @@
-"""ALGORITHM §3 — importance of every rank of every matrix, in one launch.
+"""docs/ALGORITHM.md §3 — importance of every rank of every matrix, in one launch.
 
     S[m, j] = Ī(λ_j)·Ū(λ_j) + ( mean_i Ī(Q[j,i])·Ū(Q[j,i]) + mean_o Ī(P[o,j])·Ū(P[o,j]) )
 

@@ -1,4 +1,4 @@
-"""ALGORITHM §2 — score + EMA update for every adapter tensor in ONE launch.
+"""docs/ALGORITHM.md §2 — score + EMA update for every adapter tensor in ONE launch.
 
 Layout (the ``multi_tensor_apply`` idea with a device pointer table):
 
