@@ -11,6 +11,7 @@ from .export import export_peft_lora
 from .io import AdapterLoadError, load_adapter, save_adapter
 from .layer import ElaLoRALinear
 from .model import adapter_layers, inject, merge, merge_and_unload, print_trainable_parameters, unmerge
+from .pretrained import from_pretrained, save_pretrained
 from .reallocation import RoundPlan, plan_round
 from .regularizer import orth_penalty
 
@@ -19,6 +20,8 @@ __all__ = [
     "export_peft_lora",
     "load_adapter",
     "save_adapter",
+    "from_pretrained",
+    "save_pretrained",
     "ElaLoRAConfig",
     "ElaLoRALinear",
     "RankAllocator",

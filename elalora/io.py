@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear
-from .model import adapter_layers, inject, target_names
+from .model import adapter_layers, inject, out_in_features, target_names
 
 FORMAT = "elalora-adapter"
 VERSION = 1
@@ -108,6 +108,7 @@ def save_adapter(
     allocator=None,
     config: Optional[ElaLoRAConfig] = None,
     include_trainable: bool = True,
+    base_model: Optional[dict] = None,
 ) -> Path:
     """Write the adapters of ``model`` (active slots only) to ``directory``.
 
@@ -116,7 +117,8 @@ def save_adapter(
     too, for resuming bit for bit (optimizer state is the caller's to save).
     With ``include_trainable`` every other trainable parameter outside the
     adapters (such as a newly initialised classification head) is saved as
-    ``extra.<name>``. Returns the directory.
+    ``extra.<name>``. ``base_model`` (JSON data describing the base model, as
+    ``save_pretrained`` writes it) is stored as is. Returns the directory.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -170,6 +172,7 @@ def save_adapter(
             "extra": extra,
             "weights_sha256": digest,
             "rank_pattern": {name: meta["rank"] for name, meta in meta_layers.items()},
+            "base_model": base_model,
         },
     )
     return directory
@@ -264,7 +267,7 @@ def load_adapter(
     expected_keys = set()
     for name, info in saved_layers.items():
         module = layer_map[name]
-        out_f, in_f = module.weight.shape
+        out_f, in_f = out_in_features(module)
         if (info["out_features"], info["in_features"]) != (out_f, in_f):
             raise AdapterLoadError(
                 f"load_adapter: layer {name!r} is {out_f}×{in_f} in the model but "

@@ -25,6 +25,15 @@ def _is_adaptable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (conv1d is not None and isinstance(module, conv1d))
 
 
+def out_in_features(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an adaptable layer or an ElaLoRALinear (Conv1D stores [in, out])."""
+    if isinstance(module, ElaLoRALinear):
+        return module.out_features, module.in_features
+    rows, cols = module.weight.shape
+    conv1d = conv1d_class()
+    return (cols, rows) if conv1d is not None and isinstance(module, conv1d) else (rows, cols)
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of the layers ElaLoRA can adapt: plain ``nn.Linear`` and transformers' ``Conv1D``."""
     return [n for n, m in model.named_modules() if _is_adaptable(m)]
