@@ -4,5 +4,6 @@ Every op has an eager version in :mod:`elalora_kernels.reference` and a fast
 one chosen per call by :mod:`elalora_kernels.dispatch`.
 """
 from .dispatch import BACKENDS, adapter_linear, backend_for, orth_penalty, rank_scores, score_ema_update
+from .limits import MAX_R_MAX
 
-__all__ = ["BACKENDS", "adapter_linear", "backend_for", "orth_penalty", "rank_scores", "score_ema_update"]
+__all__ = ["BACKENDS", "MAX_R_MAX", "adapter_linear", "backend_for", "orth_penalty", "rank_scores", "score_ema_update"]

@@ -18,9 +18,11 @@ ENV_VAR = "ELALORA_BACKEND"
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-# Loaded backends. The CPU ones load now, so that torch.compile finds them in
-# this dict and traces the op instead of breaking the graph on an import.
-_LOADED: dict[str, ModuleType] = {name: importlib.import_module(f"elalora_kernels.{name}") for name in ("reference", "cpu")}
+# Loaded backends. Those this machine uses load now, so that torch.compile finds
+# them in this dict and traces the op instead of breaking the graph on an import
+# (Triton only where CUDA is: importing it costs time on CPU-only machines).
+_EAGER = ("reference", "cpu") + (("triton",) if _TRITON_INSTALLED and torch.cuda.is_available() else ())
+_LOADED: dict[str, ModuleType] = {name: importlib.import_module(f"elalora_kernels.{name}") for name in _EAGER}
 
 
 def backend_for(device: torch.device) -> str:

@@ -1,11 +1,14 @@
 """Shared helpers of the Triton backend."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from elalora_kernels.limits import MAX_R_MAX
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -24,6 +27,11 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(int(r), 1)))
 
 
+def check_rank(r: int) -> None:
+    if r > MAX_R_MAX:
+        raise ValueError(f"elalora_kernels.triton supports ranks up to r_max = {MAX_R_MAX} (got {r} rank slots)")
+
+
 def check_device(*tensors) -> None:
     for t in tensors:
         if t is not None and not (t.is_cuda or interpreting()):
@@ -31,6 +39,15 @@ def check_device(*tensors) -> None:
                 "elalora_kernels.triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
                 f"got a tensor on {t.device}"
             )
+
+
+def launch_guard(device: torch.device):
+    """Context for kernel launches on tensors of ``device``.
+
+    Triton launches on the *current* CUDA device, not on its arguments' device:
+    a model spread over GPUs (``device_map="auto"``) needs every launch guarded.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def num_sms(device: torch.device) -> int:

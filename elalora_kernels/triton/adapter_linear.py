@@ -25,6 +25,8 @@ a compile-time constant. Dropout (p > 0) is drawn on the host with
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import check_device, interpreting, num_sms, rank_block
+from ._common import check_device, check_rank, interpreting, num_sms, rank_block
 
 
 # --------------------------------------------------------------------------- kernels
@@ -83,7 +85,11 @@ def _rows_times_rank_matrix(
     return acc
 
 
-@triton.jit
+# Ints that change at run time (N, the rank, tile counts, strides that follow the
+# rank) are not specialised: Triton would otherwise recompile when one of them
+# becomes 1 or changes its divisibility by 16. Layer sizes and strides that do
+# not move keep their specialisation (alignment of the big loads).
+@triton.jit(do_not_specialize=["N", "R", "TILES_PER_PROG"])
 def _fwd_kernel(
     x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, y_ptr, xq_ptr,
     N, IN, OUT, R,
@@ -125,7 +131,7 @@ def _fwd_kernel(
         tl.store(y_ptrs, _cast(upd, y_ptr.dtype.element_ty, UPCAST), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "R", "TILES_PER_PROG"])
 def _bwd_dx_kernel(
     g_ptr, p_ptr, q_ptr, lam_ptr, act_ptr, xq_ptr, u_ptr, dlam_ptr, dx_ptr,
     N, IN, OUT, R,
@@ -172,7 +178,7 @@ def _bwd_dx_kernel(
             tl.store(dx_ptrs, _cast(upd, dx_ptr.dtype.element_ty, UPCAST), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "R", "stride_os", "stride_oc", "stride_or", "ROWS_PER_SPLIT"])
 def _tn_kernel(
     a_ptr, b_ptr, lam_ptr, act_ptr, out_ptr,
     N, C, R,
@@ -225,7 +231,16 @@ def _blocks_rows(n: int, br: int) -> tuple[int, int, int, int]:
     if interpreting():  # few, large programs: the interpreter pays per program and per op
         return max(16, min(64, triton.next_power_of_2(n))), 128, 128, 4
     bm = max(16, min(32 if br <= 64 else 16, triton.next_power_of_2(n)))
+    if br >= 256:  # narrower Q/P tiles: fp32 ones of the default width overflow sm_90's shared memory
+        return bm, 32, 64, 8
     return bm, 64, 128, 4 if br <= 64 else 8
+
+
+def _blocks_tn(br: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_N, num_warps) of the split-N reduction kernel ``_tn``."""
+    if interpreting():
+        return 128, 64, 4
+    return (64 if br <= 64 else 32), 64, 4 if br <= 32 else 8
 
 
 def _split(m_tiles: int, inner_tiles: int, device: torch.device) -> tuple[int, int]:
@@ -275,10 +290,7 @@ def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: 
     n, c = a.shape
     r = b.shape[1]
     br = rank_block(r)
-    if interpreting():
-        bc, bnn, warps = 128, 64, 4
-    else:
-        bc, bnn, warps = (64 if br <= 64 else 32), 64, 4 if br <= 32 else 8
+    bc, bnn, warps = _blocks_tn(br)
     c_tiles = triton.cdiv(c, bc)
     n_chunks = triton.cdiv(n, bnn)
     split = max(1, min(triton.cdiv(2 * num_sms(a.device), c_tiles), n_chunks, 64))
@@ -323,32 +335,43 @@ def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> 
     return u, dlam_part.sum(0)
 
 
-# --------------------------------------------------------------------------- autograd
-class AdapterLinearFunction(torch.autograd.Function):
-    """Base GEMM (cuBLAS) + fused adapter; inputs are 2-D. ``xd`` is dropout(x) or None."""
+# --------------------------------------------------------------------------- registered ops
+# The launches live in two torch.library custom ops with fake (shape-only)
+# implementations: torch.compile traces a model through them with
+# fullgraph=True and runs them as opaque calls. Each runs under the launch
+# guard of its tensors' device (Triton launches on the current device).
+def _none_if_empty(t: Tensor) -> Tensor | None:
+    return t if t.numel() else None
 
-    @staticmethod
-    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale):
+
+@torch.library.custom_op("elalora::triton_adapter_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+    P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, store_xq: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y = x W0ᵀ + bias + adapter, xq = xₐ Qᵀ float32 [N, r] or an empty tensor unless ``store_xq``)."""
+    with _common.launch_guard(x.device):
         y = F.linear(x, weight, bias).contiguous()
-        xa = x if xd is None else xd
-        xq = _fwd(xa, P, lam, Q, active, scale, y, store_xq=True)
-        ctx.save_for_backward(x, xd, weight, P, lam, Q, active, xq)
-        ctx.scale = scale
-        return y
+        xq = _fwd(x if xd is None else xd, P, lam, Q, active, scale, y, store_xq)
+    return y, xq if xq is not None else x.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, g):
-        x, xd, weight, P, lam, Q, active, xq = ctx.saved_tensors
-        need_x, need_xd, need_w, need_b, need_p, need_lam, need_q = ctx.needs_input_grad[:7]
-        scale = ctx.scale
-        g = g.contiguous()
-        dx = dxd = dw = db = dP = dlam = dQ = None
+
+@_fwd_op.register_fake
+def _(x, xd, weight, bias, P, lam, Q, active, scale, store_xq):
+    xq_shape = (x.shape[0], P.shape[1]) if store_xq else (0,)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xq_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("elalora::triton_adapter_bwd", mutates_args=())
+def _bwd_op(
+    g: Tensor, x: Tensor, xd: Optional[Tensor], weight: Tensor, P: Tensor, lam: Tensor, Q: Tensor,
+    active: Tensor, xq: Tensor, scale: float, need_x: bool, need_xd: bool, need_p: bool, need_lam: bool, need_q: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dxd, dP, dλ, dQ), each an empty tensor where not needed."""
+    with _common.launch_guard(g.device):
+        dx = dxd = dP = dlam = dQ = None
         if need_x:
             dx = g @ weight  # cuBLAS; the adapter part is added in place below
-        if need_w:
-            dw = g.t() @ x
-        if need_b:
-            db = g.sum(0)
         if need_p:
             dP = _tn(g, xq, lam, active, scale, out_t=False).to(P.dtype)
         if need_xd or need_lam or need_q or (need_x and xd is None):
@@ -362,6 +385,36 @@ class AdapterLinearFunction(torch.autograd.Function):
                 dlam = (dl * active.to(dl.dtype)).to(lam.dtype)
             if need_q:
                 dQ = _tn(x if xd is None else xd, u, None, None, 1.0, out_t=True).to(Q.dtype)
+    return tuple(t if t is not None else g.new_empty(0) for t in (dx, dxd, dP, dlam, dQ))  # outputs must not alias
+
+
+@_bwd_op.register_fake
+def _(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q):
+    def like(flag, t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if flag else g.new_empty(0)
+
+    return like(need_x, x), like(need_xd, xd), like(need_p, P), like(need_lam, lam), like(need_q, Q)
+
+
+class AdapterLinearFunction(torch.autograd.Function):
+    """Base GEMM (cuBLAS) + fused adapter; inputs are 2-D. ``xd`` is dropout(x) or None."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale):
+        y, xq = _fwd_op(x, xd, weight, bias, P, lam, Q, active, scale, True)
+        ctx.save_for_backward(x, xd, weight, P, lam, Q, active, xq)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xd, weight, P, lam, Q, active, xq = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b, need_p, need_lam, need_q = ctx.needs_input_grad[:7]
+        g = g.contiguous()
+        grads = _bwd_op(g, x, xd, weight, P, lam, Q, active, xq, ctx.scale, need_x, need_xd, need_p, need_lam, need_q)
+        dx, dxd, dP, dlam, dQ = (_none_if_empty(t) for t in grads)
+        dw = g.t() @ x if need_w else None
+        db = g.sum(0) if need_b else None
         return dx, dxd, dw, db, dP, dlam, dQ, None, None
 
 
@@ -379,16 +432,13 @@ def adapter_linear(
 ) -> Tensor:
     """``reference.adapter_linear`` with the Triton adapter kernels (same signature, same dropout draw)."""
     check_device(x, weight, bias, P, lam, Q, active)
+    check_rank(P.shape[1])
     xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None  # first, as the reference does
     in_features = x.shape[-1]
     lead = x.shape[:-1]
     out_features, r = P.shape
-    if x.numel() == 0 or r == 0:
-        from elalora_kernels import reference  # nothing to fuse
-
-        return reference.adapter_linear(x, weight, bias, P, lam, Q, active, scale, 0.0) if xd is None else (
-            F.linear(x, weight, bias) + scale * ((xd @ Q.t()) * (lam * active.to(lam.dtype))) @ P.t()
-        )
+    if x.numel() == 0 or r == 0:  # nothing to fuse
+        return F.linear(x, weight, bias) + scale * (((x if xd is None else xd) @ Q.t()) * (lam * active.to(lam.dtype))) @ P.t()
     dtype = x.dtype
     P, lam, Q = (t if t.dtype == dtype else t.to(dtype) for t in (P, lam, Q))
     x2 = x.reshape(-1, in_features)
@@ -403,6 +453,5 @@ def adapter_linear(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y = AdapterLinearFunction.apply(x2, xd2, weight, bias, P, lam, Q, active, float(scale))
     else:
-        y = F.linear(x2, weight, bias).contiguous()
-        _fwd(x2 if xd2 is None else xd2, P, lam, Q, active, scale, y, store_xq=False)
+        y, _ = _fwd_op(x2, xd2, weight, bias, P, lam, Q, active, float(scale), False)
     return y.reshape(*lead, out_features)

@@ -100,13 +100,14 @@ def rank_scores(
         return out
     br = rank_block(r)
     tile = 256 if interpreting() else max(16, min(256, 8192 // br))  # ~8K fp32 per tile on a GPU
-    _rank_scores_kernel[(len(ipt),)](
-        table, out, r,
-        BLOCK_R=br,
-        BLOCK_K=tile,
-        BLOCK_O=tile,
-        num_warps=4,
-        enable_fp_fusion=False,
-    )
+    with _common.launch_guard(device):
+        _rank_scores_kernel[(len(ipt),)](
+            table, out, r,
+            BLOCK_R=br,
+            BLOCK_K=tile,
+            BLOCK_O=tile,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
     del keep
     return out

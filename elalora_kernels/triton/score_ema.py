@@ -37,6 +37,7 @@ from torch import Tensor
 
 from elalora_kernels import reference
 
+from . import _common
 from ._common import TL_DTYPE, interpreting
 
 BLOCK = 4096  # elements per program: 8 warps x 32 threads x 16 elements (4 x 16-byte loads each for fp32)
@@ -221,27 +222,28 @@ def score_ema_update_async(
     for (w_dtype, g_dtype, dev), group in groups.items():
         plan = _plan(group)
         if _use_cuda_extension(dev):
-            cuda_extension().score_ema_launch(
+            cuda_extension().score_ema_launch(  # the binding guards the device itself
                 plan.ptrs, plan.numels, plan.blocks, count, _CUDA_DTYPE[w_dtype], _CUDA_DTYPE[g_dtype],
                 plan.aligned, b1, 1.0 - b1, b2, 1.0 - b2,
             )
             continue
-        _score_ema_kernel[(plan.nblocks,)](
-            plan.ptrs,
-            plan.numels,
-            plan.blocks,
-            count,
-            b1,
-            1.0 - b1,
-            b2,
-            1.0 - b2,
-            W_DTYPE=plan.w_dtype,
-            G_DTYPE=plan.g_dtype,
-            BLOCK=BLOCK,
-            ALIGNED=plan.aligned,
-            num_warps=8,
-            enable_fp_fusion=False,  # keep β·Ī + (1−β)·ipt as torch computes it: no FMA
-        )
+        with _common.launch_guard(dev):
+            _score_ema_kernel[(plan.nblocks,)](
+                plan.ptrs,
+                plan.numels,
+                plan.blocks,
+                count,
+                b1,
+                1.0 - b1,
+                b2,
+                1.0 - b2,
+                W_DTYPE=plan.w_dtype,
+                G_DTYPE=plan.g_dtype,
+                BLOCK=BLOCK,
+                ALIGNED=plan.aligned,
+                num_warps=8,
+                enable_fp_fusion=False,  # keep β·Ī + (1−β)·ipt as torch computes it: no FMA
+            )
     return count
 
 

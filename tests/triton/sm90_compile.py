@@ -1,8 +1,8 @@
 """Compile every Triton kernel of elalora_kernels.triton for sm_90 (H100/H200), no GPU needed.
 
 The interpreter checks what the kernels compute; this checks that the real
-compiler accepts them (dot shapes, types, layouts) and looks at the PTX:
-16-byte vector loads in the aligned score+EMA kernel, tensor-core MMAs for
+compiler accepts them (dot shapes, types, layouts), that each fits sm_90's
+shared memory (up to the largest rank block), and looks at the PTX: 16-byte vector loads in the aligned score+EMA kernel, tensor-core MMAs for
 bf16/fp16, no TF32 for fp32. Run with TRITON_INTERPRET unset (a subprocess
 of tests/triton/test_sm90_compile.py). Prints one line per kernel; exits 1 on
 any failure.
@@ -28,6 +28,7 @@ rs = importlib.import_module("elalora_kernels.triton.rank_scores")
 se = importlib.import_module("elalora_kernels.triton.score_ema")
 
 TARGET = GPUTarget("cuda", 90, 32)
+SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 TY = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 failures = 0
 
@@ -41,8 +42,9 @@ def compile_(name, fn, sig, constexprs, num_warps=4, fp_fusion=True, ptr_args=()
     try:
         src = ASTSource(fn, full, constexprs=constexprs, attrs=attrs)
         k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
-        ptx = k.asm["ptx"]
-        return ptx
+        shared = k.metadata.shared
+        check(name, shared <= SM90_SHARED, f"shared memory {shared} bytes (sm_90 allows {SM90_SHARED})")
+        return k.asm["ptx"]
     except Exception as e:  # noqa: BLE001
         failures += 1
         print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
@@ -71,7 +73,8 @@ for dt, aligned in (("fp32", True), ("fp32", False), ("bf16", True)):
                   f"16-byte vector loads={v4}, fma contraction={fma}")
 
 # adapter forward / backward / split-N reduction
-for dt, br in (("fp32", 16), ("bf16", 64), ("fp16", 16)):  # a few representative configurations
+# representative configurations, up to the largest rank block (elalora_kernels.limits.MAX_R_MAX)
+for dt, br in (("fp32", 16), ("bf16", 64), ("fp16", 16), ("bf16", 128), ("bf16", 256), ("fp32", 256)):
     p = "*" + dt
     if True:
         bm, bk, bn, warps = al._blocks_rows(8192, br)  # the launch configuration a GPU would get
@@ -94,9 +97,10 @@ for dt, br in (("fp32", 16), ("bf16", 64), ("fp16", 16)):  # a few representativ
         sig = {"a_ptr": p, "b_ptr": "*fp32", "lam_ptr": p, "act_ptr": "*i1", "out_ptr": "*fp32", "N": "i32", "C": "i32",
                "R": "i32", "stride_an": "i32", "stride_lam": "i32", "stride_act": "i32", "stride_os": "i32",
                "stride_oc": "i32", "stride_or": "i32", "scale": "fp32", "ROWS_PER_SPLIT": "i32"}
+        bc, bnn, tn_warps = al._blocks_tn(br)
         ptxs.append(compile_(f"adapter tn {dt} BLOCK_R={br}", al._tn_kernel, sig,
-                             {"BLOCK_C": 64, "BLOCK_N": 64, "BLOCK_R": br, **common, "SCALE_B": True},
-                             ptr_args=("a_ptr", "b_ptr", "out_ptr")))
+                             {"BLOCK_C": bc, "BLOCK_N": bnn, "BLOCK_R": br, **common, "SCALE_B": True},
+                             num_warps=tn_warps, ptr_args=("a_ptr", "b_ptr", "out_ptr")))
         for name, ptx in zip(("fwd", "bwd dx", "tn"), ptxs):
             if ptx is None:
                 continue

@@ -132,3 +132,21 @@ def test_layer_through_dispatch(device, monkeypatch):
         grads[backend] = [y.detach()] + [p.grad.clone() for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)]
     for a, b in zip(grads["reference"], grads["triton"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("r_max,r,dtype", [(128, 128, torch.bfloat16), (256, 201, torch.float32)])
+def test_large_ranks(device, r_max, r, dtype):
+    """128- and 256-wide rank blocks (the largest supported); their sm_90 fit is checked in sm90_compile.py."""
+    case, r = _case(device, 19, 40, 36, r_max, r)
+    _compare(case, r, dtype)
+
+
+def test_rank_above_the_limit_is_rejected_before_any_work(device):
+    from elalora_kernels.limits import MAX_R_MAX
+
+    r = MAX_R_MAX + 1
+    x = torch.randn(3, 8, device=device)
+    P, lam, Q = torch.zeros(5, r, device=device), torch.zeros(r, device=device), torch.zeros(r, 8, device=device)
+    with pytest.raises(ValueError, match=f"up to r_max = {MAX_R_MAX}"):
+        triton_backend.adapter_linear(x, torch.zeros(5, 8, device=device), None, P, lam, Q,
+                                      torch.ones(r, dtype=torch.bool, device=device), 1.0)
