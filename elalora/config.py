@@ -13,6 +13,9 @@ from .architectures import TASK_TYPES
 def _fail(name: str, rule: str, value) -> None:
     raise ValueError(f"ElaLoRAConfig.{name} {rule} (got {value!r})")
 
+# How an adapter starts (ElaLoRAConfig.init, ElaLoRALinear(init=...)); ΔW = 0 under each.
+INITS = ("paper", "zero_p")
+
 
 def _check_module_names(name: str, value) -> None:
     """``None``, one valid regex string, or a non-empty tuple of non-empty names."""
@@ -48,6 +51,12 @@ class ElaLoRAConfig:
     trained fully instead of frozen — typically a newly initialised task head —
     and saved with the adapter. ``None`` takes the head that ``task_type`` adds.
 
+    ``init``: how each adapter starts; ΔW = 0 under both. ``"paper"`` (the
+    default, docs/ALGORITHM.md): P, Q ~ N(0, 0.02²), λ = 0, so at first only λ
+    has a task gradient. ``"zero_p"``: P = 0, λ = 1, Q ~ N(0, 0.02²), as
+    LoRA starts B = 0: every entry of P learns from the first step (faster
+    start on short runs; see benchmarks/RESULTS.md).
+
     ``task_type``: one of ``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
     ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"FEATURE_EXTRACTION"`` or ``None``.
     For the first three, ``modules_to_save=None`` means the task's head
@@ -73,6 +82,7 @@ class ElaLoRAConfig:
     rank_scheduler: bool = True
     orth_reg: float = 0.1
     seed: int = 0
+    init: str = "paper"
 
     def __post_init__(self) -> None:
         if self.r_max is None:
@@ -122,6 +132,8 @@ class ElaLoRAConfig:
             _fail("rank_scheduler", "must be a bool", self.rank_scheduler)
         if not (is_number(self.orth_reg) and self.orth_reg >= 0):
             _fail("orth_reg", "must be a finite number >= 0", self.orth_reg)
+        if self.init not in INITS:
+            _fail("init", f"must be one of {INITS}", self.init)
         _check_module_names("target_modules", self.target_modules)
         _check_module_names("modules_to_save", self.modules_to_save)
         if self.task_type is not None and self.task_type not in TASK_TYPES:

@@ -11,6 +11,7 @@ from torch import Tensor
 import elalora_kernels
 
 from ._checks import is_int, is_number
+from .config import INITS
 
 
 def conv1d_class():
@@ -48,6 +49,7 @@ class ElaLoRALinear(nn.Module):
         r_max: int | None = None,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
+        init: str = "paper",
         device=None,
         dtype=None,
         generator: torch.Generator | None = None,
@@ -61,7 +63,7 @@ class ElaLoRALinear(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"ElaLoRALinear: dtype must be a floating point dtype (got {dtype!r})")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, r_max, lora_alpha, lora_dropout, generator)
+        self._setup(base.weight, base.bias, r, r_max, lora_alpha, lora_dropout, generator, init)
 
     @classmethod
     def from_linear(
@@ -73,6 +75,7 @@ class ElaLoRALinear(nn.Module):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         generator: torch.Generator | None = None,
+        init: str = "paper",
     ) -> "ElaLoRALinear":
         """Wrap an ``nn.Linear`` or a transformers ``Conv1D``; its weight and bias Parameters are shared, not copied."""
         conv1d = conv1d_class()
@@ -82,10 +85,10 @@ class ElaLoRALinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.fan_in_fan_out = is_conv1d
-        layer._setup(linear.weight, linear.bias, r, r_max, lora_alpha, lora_dropout, generator)
+        layer._setup(linear.weight, linear.bias, r, r_max, lora_alpha, lora_dropout, generator, init)
         return layer
 
-    def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator) -> None:
+    def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator, init) -> None:
         r_max = 2 * r if r_max is None else r_max
         if not (is_int(r) and r >= 1):
             raise ValueError(f"ElaLoRALinear: r must be an int >= 1 (got {r!r})")
@@ -95,6 +98,8 @@ class ElaLoRALinear(nn.Module):
             raise ValueError(f"ElaLoRALinear: lora_alpha must be a finite number > 0 (got {lora_alpha!r})")
         if not (is_number(lora_dropout) and 0 <= lora_dropout < 1):
             raise ValueError(f"ElaLoRALinear: lora_dropout must be in [0, 1) (got {lora_dropout!r})")
+        if init not in INITS:
+            raise ValueError(f"ElaLoRALinear: init must be one of {INITS} (got {init!r})")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"ElaLoRALinear: generator must be a torch.Generator or None (got {type(generator).__name__})"
@@ -113,9 +118,17 @@ class ElaLoRALinear(nn.Module):
             bias.requires_grad_(False)
         factory = {"device": weight.device, "dtype": weight.dtype}
         # Drawn on the CPU in float32 so a seed gives the same adapter on every device.
-        self.lora_P = nn.Parameter((torch.randn(out_features, r_max, generator=generator) * 0.02).to(**factory))
-        self.lora_lam = nn.Parameter(torch.zeros(r_max, **factory))
-        self.lora_Q = nn.Parameter((torch.randn(r_max, in_features, generator=generator) * 0.02).to(**factory))
+        # Both inits draw the same random numbers, so a seed gives the same Q under either.
+        # ΔW = 0 under both: "paper" (docs/ALGORITHM.md §1) has λ = 0, "zero_p" has P = 0 (as LoRA's B = 0).
+        p = torch.randn(out_features, r_max, generator=generator) * 0.02
+        q = torch.randn(r_max, in_features, generator=generator) * 0.02
+        lam = torch.zeros(r_max)
+        if init == "zero_p":
+            p.zero_()
+            lam.fill_(1.0)
+        self.lora_P = nn.Parameter(p.to(**factory))
+        self.lora_lam = nn.Parameter(lam.to(**factory))
+        self.lora_Q = nn.Parameter(q.to(**factory))
         active = torch.zeros(r_max, dtype=torch.bool, device=weight.device)
         active[:r] = True
         self.register_buffer("active", active, persistent=True)

@@ -138,6 +138,7 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             generator=generator,
+            init=config.init,
         )
         setattr(parent, child, layer)
     if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
