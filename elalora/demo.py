@@ -10,7 +10,7 @@ a rank heatmap, a rank-history plot and a JSON run record to its output dir.
 The building blocks (data, model, training loop, evaluation) are public so the
 quality study (``benchmarks/quality.py``) trains every method the same way.
 Nothing here downloads anything: the model and tokenizer come from the
-installed package, the data from the repository.
+installed package, the data from ``elalora/data/``.
 """
 from __future__ import annotations
 

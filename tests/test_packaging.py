@@ -1,13 +1,15 @@
 """Packaging, as a new user meets it: the sdist carries every source, the wheel built from it installs
-into a fresh virtual environment and runs outside the checkout (extension, training step, demo), and the
-C++ source also builds without its x86-only AVX2 clone.
+into a fresh virtual environment and runs outside the checkout (extension, training step, demo), the
+C++ source also builds without its x86-only AVX2 clone, and the code's references to the algorithm
+document resolve.
 
-Each test compiles the C++ extension once (about a minute on 2 cores), hence ``slow``.
+The build tests compile the C++ extension once each (about a minute on 2 cores), hence ``slow``.
 """
 from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +30,6 @@ BUILD_OUTPUTS = shutil.ignore_patterns(
     ".benchmarks", "runs",
 )
 X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64", "i686")
-
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def _run(cmd, cwd, env=None, timeout=600):
@@ -55,13 +55,15 @@ def sdist(tmp_path_factory) -> Path:
     return archive
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sdist_carries_every_source_the_licence_and_the_demo_data(sdist):
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     expected = {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in"}
     for pattern in ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "elalora/**/*.py", "elalora_kernels/**/*.py",
                     "elalora/data/*"):
-        expected |= {path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern) if "__pycache__" not in path.parts}
+        expected |= {p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
     assert any(name.startswith("csrc/cuda/") and name.endswith(".h") for name in expected)
     assert expected <= names, f"missing from the sdist: {sorted(expected - names)}"
     assert not [name for name in names if name.endswith(".so")]
@@ -101,6 +103,8 @@ INSTALLED_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_wheel_from_the_sdist_installs_and_runs_outside_the_checkout(sdist, tmp_path):
     dist = tmp_path / "dist"
     _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(dist), str(sdist)],
@@ -137,6 +141,8 @@ def test_wheel_from_the_sdist_installs_and_runs_outside_the_checkout(sdist, tmp_
     assert (outside / "run" / "run.json").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # the compiler
 @pytest.mark.parametrize("shapes", [[(1,), (7,), (5, 123)], [(123, 7), (300, 100)]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_extension_builds_without_the_x86_clone(no_clones_extension, shapes, dtype):
@@ -169,3 +175,27 @@ def no_clones_extension(tmp_path_factory):
     if X86_LINUX:  # the macro really removed the clone
         assert _avx2_clones(Path(module.__file__)) == 0
     return module
+
+
+def test_every_algorithm_reference_names_a_section_of_docs_algorithm():
+    doc = (ROOT / "docs" / "ALGORITHM.md").read_text(encoding="utf-8")
+    sections = {int(n) for n in re.findall(r"^## §(\d+) ", doc, re.M)}
+    round_section = doc.split("## §4 ")[1].split("\n## ")[0]
+    round_items = {int(n) for n in re.findall(r"^(\d+)\. ", round_section, re.M)}
+    assert sections == set(range(1, 8)) and round_items == set(range(1, 7))
+
+    cited = 0
+    for pattern in ("elalora/**/*.py", "elalora_kernels/**/*.py", "csrc/**/*.*", "tests/**/*.py", "benchmarks/**/*.py"):
+        for path in ROOT.glob(pattern):
+            if path.name == "test_packaging.py":  # this test's own patterns
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for match in re.finditer(r"(\S*)ALGORITHM(\S*)(?: §(\d+)(?:\.(\d+))?)?", text):
+                before, after, section, item = match.groups()
+                where = f"{path.relative_to(ROOT)}: {match.group(0)!r}"
+                assert before.endswith("docs/") and after.startswith(".md"), where
+                if section:
+                    cited += 1
+                    assert int(section) in sections, where
+                    assert item is None or (section == "4" and int(item) in round_items), where
+    assert cited >= 30
