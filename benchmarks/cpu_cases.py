@@ -98,15 +98,66 @@ def score_compiled(set_name):
     return fn, total
 
 
-def score_copy(set_name):
-    """The floor: copy 12 bytes per element (12 read + 12 written = the op's 24 B/element)."""
+def _copy_buffers(set_name):
+    """Source and destination of 12 B/element: a copy reads 12 and writes 12, the op's 24 B/element."""
     _, _, _, _, total = score_tensors(set_name)
     src = torch.randn(3 * total)
-    dst = torch.empty_like(src)
+    return src, torch.empty_like(src), total
+
+
+class _Memcpy:
+    """The floor: one libc ``memcpy`` of the bytes, cut into as many equal parts as
+    torch has threads at call time, each part one ``memcpy`` call on its own thread
+    (ctypes releases the GIL during the call)."""
+
+    def __init__(self, dst: torch.Tensor, src: torch.Tensor):
+        import ctypes
+
+        self._memcpy = ctypes.CDLL(None).memcpy
+        self._memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        self._dst, self._src, self._nbytes = dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size()
+        self._keep = (dst, src)
+        self._pool = None
+
+    def _part(self, i: int, parts: int) -> None:
+        lo = self._nbytes * i // parts // 64 * 64
+        hi = self._nbytes if i == parts - 1 else self._nbytes * (i + 1) // parts // 64 * 64
+        self._memcpy(self._dst + lo, self._src + lo, hi - lo)
+
+    def __call__(self) -> None:
+        parts = torch.get_num_threads()
+        if parts == 1:
+            return self._part(0, 1)
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None or self._pool._max_workers != parts - 1:
+            self._pool = ThreadPoolExecutor(parts - 1)
+        pending = [self._pool.submit(self._part, i, parts) for i in range(1, parts)]
+        self._part(0, parts)
+        for p in pending:
+            p.result()
+
+
+def score_memcpy(set_name):
+    src, dst, total = _copy_buffers(set_name)
+    return _Memcpy(dst, src), total
+
+
+def score_torch_copy(set_name):
+    """torch's own copy_ of the same bytes (its threads, its vector loop)."""
+    src, dst, total = _copy_buffers(set_name)
     return lambda: dst.copy_(src), total
 
 
-SCORE_IMPLS = {"elalora (C++)": score_ours, "peft update_ipt": score_peft, "compiled in-place": score_compiled, "copy 24 B/elem": score_copy}
+SCORE_IMPLS = {
+    "elalora (C++)": score_ours,
+    "peft update_ipt": score_peft,
+    "compiled in-place": score_compiled,
+    "memcpy 24 B/elem": score_memcpy,
+    "torch copy_ 24 B/elem": score_torch_copy,
+}
+# The floor the op is held to (it moves the same bytes), measured at 1 and 2 threads.
+SCORE_FLOORS = ["memcpy 24 B/elem", "torch copy_ 24 B/elem"]
 
 # ------------------------------------------------------------ adapter linear
 ADAPTER_SHAPES = [(n, d, r) for n in (512, 4096) for d in (768, 2048) for r in (8, 16)]

@@ -14,8 +14,9 @@
 //
 // All tensors are concatenated into one virtual range of elements cut into
 // chunks (a chunk may span many small tensors or part of one large one), so the
-// pass is balanced whatever the mix of sizes. The chunks are shared out by
-// at::parallel_for, i.e. torch's own intra-op (OpenMP) thread team. A private
+// pass is balanced whatever the mix of sizes. The threads of torch's own
+// intra-op (OpenMP) team, started by at::parallel_for, claim chunks one at a
+// time, so a thread the OS delays does not hold the others up. A private
 // pool was tried and measured worse: called right after torch ops (as it is,
 // after optimizer.step()), torch's OpenMP threads still spin-wait on the cores
 // and a second pool competes with them (5.3 ms alone, 9.2 ms interleaved with
@@ -31,6 +32,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -61,10 +63,28 @@ struct Coeffs {
 #else
 #define ELALORA_AVX2_CLONE
 #endif
+// `ok ? new : old` as a bitwise select. Written as a ternary, GCC turns "store the
+// old value back" into "skip the store", a branch that leaves the loop scalar
+// (measured 1.7x slower than this vectorised form on the 32 x 4096^2 set, 1 thread).
+inline float select(bool ok, float new_value, float old_value) {
+  uint32_t n, o;
+  std::memcpy(&n, &new_value, sizeof n);
+  std::memcpy(&o, &old_value, sizeof o);
+  const uint32_t keep_new = 0u - static_cast<uint32_t>(ok);
+  const uint32_t bits = (n & keep_new) | (o & ~keep_new);
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// At most this many elements per vector loop: its int32 count cannot overflow (a
+// 64-bit count would cost the loop half its vector width).
+constexpr int64_t kCountBlock = int64_t{1} << 30;
+
 template <typename W, typename G>
-ELALORA_AVX2_CLONE int64_t update(const W* __restrict__ w, const G* __restrict__ g, float* __restrict__ ipt, float* __restrict__ unc,
-               int64_t n, Coeffs c) {
-  int64_t skipped = 0;
+ELALORA_AVX2_CLONE int32_t update_block(const W* __restrict__ w, const G* __restrict__ g, float* __restrict__ ipt,
+                                        float* __restrict__ unc, int64_t n, Coeffs c) {
+  int32_t skipped = 0;
 #pragma omp simd reduction(+ : skipped)
   for (int64_t i = 0; i < n; ++i) {
     const float p = std::fabs(static_cast<float>(w[i]) * static_cast<float>(g[i]));
@@ -73,9 +93,19 @@ ELALORA_AVX2_CLONE int64_t update(const W* __restrict__ w, const G* __restrict__
     const float ni = c.b1 * ie + c.omb1 * p;
     const float nu = c.b2 * ue + c.omb2 * std::fabs(p - ni);
     const bool ok = p <= FLT_MAX;  // false for +inf and NaN (p is an absolute value)
-    ipt[i] = ok ? ni : ie;
-    unc[i] = ok ? nu : ue;
+    ipt[i] = select(ok, ni, ie);
+    unc[i] = select(ok, nu, ue);
     skipped += ok ? 0 : 1;
+  }
+  return skipped;
+}
+
+template <typename W, typename G>
+int64_t update(const W* w, const G* g, float* ipt, float* unc, int64_t n, Coeffs c) {
+  int64_t skipped = 0;
+  for (int64_t lo = 0; lo < n; lo += kCountBlock) {
+    const int64_t m = std::min(kCountBlock, n - lo);
+    skipped += update_block(w + lo, g + lo, ipt + lo, unc + lo, m, c);
   }
   return skipped;
 }
@@ -196,9 +226,16 @@ int64_t score_ema_update(const std::vector<at::Tensor>& params, const std::vecto
     if (total < kSerial || at::get_num_threads() <= 1) {
       skipped = work.run_range(0, total);
     } else {
-      std::atomic<int64_t> counted{0};
-      at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
-        counted += work.run_range(first * kChunk, std::min(total, last * kChunk));
+      // Each thread of the team claims the next chunk until none is left: a thread
+      // that the OS delays (the cores are often shared) just claims fewer chunks.
+      const int64_t chunks = (total + kChunk - 1) / kChunk;
+      std::atomic<int64_t> next{0}, counted{0};
+      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+        int64_t mine = 0;
+        for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+          mine += work.run_range(k * kChunk, std::min(total, (k + 1) * kChunk));
+        }
+        counted += mine;
       });
       skipped = counted.load();
     }
