@@ -12,8 +12,13 @@ What the callback does, and where:
   (unwrapped from Accelerate's wrapper, so a round moves and zeroes exactly the
   right Adam moments) with ``total_steps = state.max_steps`` — the Trainer's own
   count of optimizer steps, so the user never computes it. When the Trainer
-  resumes from ``checkpoint-N``, the allocator state saved there by
-  ``on_save`` is loaded, so the run continues bit for bit.
+  resumes from a checkpoint (any path given to ``train(resume_from_checkpoint=...)``),
+  the allocator state saved there is loaded, so the run continues bit for bit.
+  It also moves the callback to the front of the Trainer's callback list, so
+  that its ``on_log`` runs before the reporting integrations (TensorBoard,
+  W&B, … are added before user callbacks) and they record the ``elalora/*``
+  scalars. The Trainer hands callbacks no reference to itself: the callback
+  finds it on the call stack (``_calling_trainer``).
 * ``on_optimizer_step``: steps the allocator. In transformers 5.x this event
   fires right after ``optimizer.step()`` and before ``lr_scheduler.step()`` and
   ``model.zero_grad()`` — exactly where docs/ALGORITHM.md needs it (gradients are
@@ -38,16 +43,25 @@ What the callback does, and where:
   ``elalora/total_rank``, ``elalora/min_rank``, ``elalora/max_rank``,
   ``elalora/rounds``, ``elalora/ranks_moved`` and
   ``elalora/nonfinite_grad_elements`` (both since the last log) and
-  ``elalora/orth_penalty`` to the logged dict (visible to callbacks after it
-  and written into ``state.log_history``). Each round is logged through the
+  ``elalora/orth_penalty`` to the logged dict (seen by every other callback,
+  reporters included, and written into ``state.log_history``). Each round is logged through the
   ``elalora`` logger (pruned/expanded layers). At the end of training the run
   record (``elalora_run.json``: ranks, round history) is written to
   ``args.output_dir``; ``python -m elalora plot OUTPUT_DIR`` draws it.
-* ``on_save``: writes the allocator state (``allocator.json`` +
-  ``allocator.safetensors``, no pickle) into the checkpoint directory.
+* Saving: every checkpoint and every ``trainer.save_model(dir)`` also gets the
+  adapter-only files of ``elalora.save_pretrained`` (``adapter_config.json``,
+  ``adapter_model.safetensors``) and the allocator state (``allocator.json`` +
+  ``allocator.safetensors``, no pickle): ``on_save`` writes them into the
+  checkpoint, and the model's ``save_pretrained`` is wrapped to write them
+  beside the full weights the Trainer saves. ``elalora.from_pretrained(base,
+  dir)`` loads them onto a fresh base model.
+* Gradient checkpointing with a frozen embedding: the embedding output is made
+  to require grad (``enable_input_require_grads``, as PEFT does).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import warnings
@@ -59,14 +73,18 @@ import torch.nn as nn
 
 from .allocator import RankAllocator
 from .config import ElaLoRAConfig
-from .model import adapter_layers
+from .io import ALLOC_JSON, load_allocator_state, write_json_atomic
+from .model import adapter_layers, keep_inputs_differentiable
+from .pretrained import save_pretrained
 
 logger = logging.getLogger("elalora")
 
-try:  # transformers is optional for the package, required for this module
-    from transformers import TrainerCallback
+try:  # transformers (and accelerate, which its Trainer needs) are optional for the package
+    from accelerate.utils import extract_model_from_parallel
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as err:  # pragma: no cover
-    raise ImportError("elalora.integrations needs `transformers` (pip install 'elalora[demo]')") from err
+    raise ImportError("elalora.integrations needs `transformers` and `accelerate` (pip install 'elalora[hf]')") from err
 
 
 def unwrap_optimizer(optimizer):
@@ -79,10 +97,19 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+def _calling_trainer() -> tuple[Optional[Trainer], dict]:
+    """The Trainer whose event is being handled, and the locals of its frame (``(None, {})`` outside one).
+
+    Callbacks receive no reference to the Trainer; the nearest Trainer frame on
+    the stack is the method that fired the event (``_inner_training_loop`` for
+    ``on_train_begin``, whose locals hold ``resume_from_checkpoint``).
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), Trainer):
+            return frame.f_locals["self"], frame.f_locals
+        frame = frame.f_back
+    return None, {}
 
 
 class ElaLoRACallback(TrainerCallback):
@@ -103,6 +130,7 @@ class ElaLoRACallback(TrainerCallback):
         self.orth_in_loss = orth_in_loss
         self.write_run_record = write_run_record
         self.allocator: Optional[RankAllocator] = None
+        self._model: Optional[nn.Module] = None  # the unwrapped model, set at on_train_begin
         self.record: Optional[dict] = None
         self._hook = None
         self._ga_steps = 1
@@ -117,7 +145,7 @@ class ElaLoRACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("ElaLoRACallback: the Trainer passed no model/optimizer to on_train_begin")
-        model = _unwrap_model(model)
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
         if not adapter_layers(model):
             raise ValueError(
                 "ElaLoRACallback: the model has no ElaLoRA adapters; call elalora.inject(model, config) first"
@@ -130,10 +158,15 @@ class ElaLoRACallback(TrainerCallback):
             )
         self._initial = {n: layer.active_rank for n, layer in adapter_layers(model)}
         self.allocator = RankAllocator(model, self.config, optimizer=unwrap_optimizer(optimizer), total_steps=total)
+        trainer, trainer_locals = _calling_trainer()
+        if trainer is not None and self in trainer.callback_handler.callbacks:
+            # First in the list, so that the reporters' on_log sees our scalars. Moving the running
+            # callback to the front during the event's loop neither skips nor repeats another callback.
+            trainer.callback_handler.callbacks.remove(self)
+            trainer.callback_handler.callbacks.insert(0, self)
         if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            from .io import ALLOC_JSON, load_allocator_state
-
+            resumed = trainer_locals.get("resume_from_checkpoint")
+            ckpt = Path(resumed if isinstance(resumed, (str, os.PathLike)) else self._checkpoint_dir(args, state))
             if (ckpt / ALLOC_JSON).is_file():
                 load_allocator_state(self.allocator, ckpt)
                 logger.info("elalora: resumed allocator state from %s (step %d)", ckpt, self.allocator.t)
@@ -147,6 +180,9 @@ class ElaLoRACallback(TrainerCallback):
         self._ga_steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1)))
         if self.orth_in_loss and self.config.orth_reg > 0:
             self._hook = model.register_forward_hook(self._add_penalty, with_kwargs=True)
+        keep_inputs_differentiable(model)
+        self._model = model
+        self._save_adapter_with_model(model)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.allocator is None:
@@ -185,13 +221,9 @@ class ElaLoRACallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.allocator is None:
-            return
-        from .io import save_allocator_state
-
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir() and state.is_world_process_zero:
-            save_allocator_state(self.allocator, ckpt)
+        ckpt = self._checkpoint_dir(args, state)
+        if self.allocator is not None and ckpt.is_dir() and state.is_world_process_zero:
+            self._write_adapter(ckpt)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
@@ -206,10 +238,38 @@ class ElaLoRACallback(TrainerCallback):
         logger.info("elalora final rank pattern (total %d): %s", self.allocator.total_rank(),
                     self.allocator.rank_pattern())
         if self.write_run_record and state.is_world_process_zero and args.output_dir:
-            from .io import write_json_atomic
-
             os.makedirs(args.output_dir, exist_ok=True)
             write_json_atomic(Path(args.output_dir) / self.RUN_RECORD, self.record)
+
+    # ------------------------------------------------------------- saving
+    @staticmethod
+    def _checkpoint_dir(args, state) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+    def _write_adapter(self, directory) -> None:
+        """The adapter-only files and the allocator state (skipped once adapters are merged or unloaded)."""
+        layers = adapter_layers(self._model)
+        if layers and not any(layer.merged for _, layer in layers):
+            save_pretrained(self._model, directory, allocator=self.allocator)
+
+    def _save_adapter_with_model(self, model: nn.Module) -> None:
+        """Make ``model.save_pretrained`` (what ``trainer.save_model`` calls) also write the adapter files."""
+        original = getattr(model, "save_pretrained", None)
+        if original is None:
+            return
+        if hasattr(original, "elalora_callback"):  # wrapped for an earlier run: this callback takes over
+            original.elalora_callback = self
+            return
+
+        @functools.wraps(original)
+        def save_with_adapter(save_directory, *args, is_main_process: bool = True, **kwargs):
+            result = original(save_directory, *args, is_main_process=is_main_process, **kwargs)
+            if is_main_process:
+                save_with_adapter.elalora_callback._write_adapter(save_directory)
+            return result
+
+        save_with_adapter.elalora_callback = self
+        model.save_pretrained = save_with_adapter
 
     # --------------------------------------------------------- the penalty
     def _add_penalty(self, module, args, kwargs, output):

@@ -141,12 +141,23 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
             init=config.init,
         )
         setattr(parent, child, layer)
-    if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
-        # With a frozen embedding, reentrant checkpointing would see inputs that need no gradient
-        # and skip the adapters' backward; PEFT makes the embedding output require grad likewise.
-        model.enable_input_require_grads()
+    keep_inputs_differentiable(model)
     setattr(model, CONFIG_ATTR, config)
     return names
+
+
+def keep_inputs_differentiable(model: nn.Module) -> None:
+    """Under gradient checkpointing, make a frozen embedding's output require grad (once), as PEFT does.
+
+    Reentrant checkpointing of a block whose inputs need no gradient returns
+    outputs that need none, so the adapters inside would get no gradient.
+    """
+    if (
+        _is_checkpointing(model)
+        and hasattr(model, "enable_input_require_grads")
+        and getattr(model, "_require_grads_hook", None) is None
+    ):
+        model.enable_input_require_grads()
 
 
 def _is_checkpointing(model: nn.Module) -> bool:

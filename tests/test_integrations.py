@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,13 +44,14 @@ def ela_config(**kw):
     return elalora.ElaLoRAConfig(**fields)
 
 
-def make_trainer(tmp_path, model, callback, max_steps=30, extra_callbacks=(), **kw):
+def make_trainer(tmp_path, model, callback, max_steps=30, extra_callbacks=(), callbacks_before=(), **kw):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
-        logging_steps=5, save_strategy=kw.pop("save_strategy", "no"), report_to="none", use_cpu=True,
-        seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, **kw,
+        logging_steps=5, save_strategy=kw.pop("save_strategy", "no"), report_to=kw.pop("report_to", "none"),
+        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, **kw,
     )
-    return Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[callback, *extra_callbacks])
+    return Trainer(model=model, args=args, train_dataset=dataset(),
+                   callbacks=[*callbacks_before, callback, *extra_callbacks])
 
 
 class GradProbe(TrainerCallback):
@@ -149,7 +152,8 @@ def _adapter_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or k.endswith(".active")}
 
 
-def test_resume_from_checkpoint_is_exact(tmp_path):
+@pytest.mark.parametrize("moved", [False, True], ids=["in-output-dir", "moved-elsewhere"])
+def test_resume_from_checkpoint_is_exact(tmp_path, moved):
     config = ela_config()
     # uninterrupted run
     model_a = tiny_model()
@@ -169,12 +173,15 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
 
     make_trainer(tmp_path / "b", model_b, cb_b, max_steps=24, extra_callbacks=[StopAt12()],
                  save_strategy="steps", save_steps=12).train()
-    assert os.path.isfile(tmp_path / "b" / "checkpoint-12" / "allocator.json")
+    checkpoint = tmp_path / "b" / "checkpoint-12"
+    assert os.path.isfile(checkpoint / "allocator.json")
+    if moved:  # any checkpoint path, resumed with another output_dir
+        checkpoint = checkpoint.rename(tmp_path / "kept")
     model_c = tiny_model(seed=1)  # different init: everything must come from the checkpoint
     elalora.inject(model_c, config)
     cb_c = ElaLoRACallback(config, write_run_record=False)
-    make_trainer(tmp_path / "b", model_c, cb_c, max_steps=24).train(
-        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-12"))
+    make_trainer(tmp_path / ("c" if moved else "b"), model_c, cb_c, max_steps=24).train(
+        resume_from_checkpoint=str(checkpoint))
 
     assert cb_c.allocator.t == 24
     assert [r.step for r in cb_c.allocator.history] == [r.step for r in cb_a.allocator.history]
@@ -209,3 +216,98 @@ def test_nonfinite_gradient_elements_are_logged(tmp_path):
     assert counts[0] >= 1
     assert sum(counts) == cb.nonfinite_total
     assert torch.isfinite(cb.allocator.ema_ipt).all() and torch.isfinite(cb.allocator.ema_unc).all()
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_metrics_reach_tensorboard_and_callbacks_listed_before_ours(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny_model()
+    config = ela_config()
+    elalora.inject(model, config)
+    recorder = LogRecorder()
+    trainer = make_trainer(tmp_path, model, ElaLoRACallback(config, write_run_record=False), max_steps=15,
+                           callbacks_before=[recorder], report_to="tensorboard")
+    trainer.train()
+    total = sum(layer.active_rank for _, layer in elalora.adapter_layers(model))
+    step_logs = [log for log in recorder.logs if "loss" in log]
+    assert len(step_logs) == 3 and all(log["elalora/total_rank"] == total for log in step_logs)
+
+    event_files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "tfevents" in f]
+    assert len(event_files) == 1
+    events = EventAccumulator(event_files[0])
+    events.Reload()
+    assert {"train/elalora/total_rank", "train/elalora/orth_penalty", "train/elalora/rounds"} <= set(
+        events.Tags()["scalars"])
+    ranks = events.Scalars("train/elalora/total_rank")
+    # three logging steps and the end-of-training summary
+    assert [e.step for e in ranks] == [5, 10, 15, 15] and all(e.value == total for e in ranks)
+
+
+def _adapter_files(directory):
+    return {"adapter_config.json", "adapter_model.safetensors", "allocator.json", "allocator.safetensors"} <= set(
+        os.listdir(directory))
+
+
+def test_checkpoints_and_save_model_hold_adapter_only_files(tmp_path):
+    model = tiny_model()
+    config = ela_config(task_type="SEQ_CLS")  # the head trains and travels with the adapter
+    elalora.inject(model, config)
+    trainer = make_trainer(tmp_path, model, ElaLoRACallback(config, write_run_record=False), max_steps=20,
+                           save_strategy="steps", save_steps=10)
+    trainer.train()
+    assert _adapter_files(tmp_path / "checkpoint-10") and _adapter_files(tmp_path / "checkpoint-20")
+    trainer.save_model(str(tmp_path / "final"))
+    assert _adapter_files(tmp_path / "final")
+
+    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    for directory in (tmp_path / "final", tmp_path / "checkpoint-20"):
+        fresh = elalora.from_pretrained(tiny_model(), directory).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(**batch).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("enable_first", [True, False], ids=["checkpointing-then-inject", "inject-then-checkpointing"])
+def test_gradient_checkpointing_gives_the_same_gradients(enable_first):
+    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    config = ela_config(task_type="SEQ_CLS")
+
+    def adapter_grads(checkpointing):
+        model = tiny_model()
+        if checkpointing and enable_first:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            # transformers 5 does this itself for text models (not before 5, nor for other inputs): inject must
+            model.disable_input_require_grads()
+        elalora.inject(model, config)
+        if checkpointing and not enable_first:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        with torch.no_grad():
+            for _, layer in elalora.adapter_layers(model):
+                layer.lora_lam.fill_(0.5)  # λ ≠ 0: P and Q get gradients too
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = adapter_grads(False), adapter_grads(True)
+    assert set(checkpointed) == set(plain)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_import_elalora_exposes_integrations_lazily():
+    # transformers is optional: `import elalora` must not import it, `elalora.integrations` must work
+    script = ("import sys, elalora; assert 'transformers' not in sys.modules; "
+              "print(elalora.integrations.ElaLoRACallback.__name__)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ElaLoRACallback"
