@@ -45,9 +45,7 @@ def extensions():
     exts = []
     cpp = sorted(glob.glob("csrc/*.cpp"))
     if cpp:
-        # Flags added in build_extensions once the compiler is probed. No -march=native in
-        # what ships; -ffp-contract=off keeps results bit-identical to torch's separate
-        # multiply and add.
+        # Its flags are chosen in build_extensions, once the compiler has been probed.
         exts.append(CppExtension("elalora_kernels._C", cpp))
     cuda = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if cuda and torch.version.cuda is not None:
@@ -97,6 +95,8 @@ class OptionalBuildExtension(BuildExtension if torch is not None else object):
         for ext in self.extensions:
             if ext.name != "elalora_kernels._C":
                 continue
+            # No -march=native in what ships; -ffp-contract=off keeps results bit-identical
+            # to torch's separate multiply and add.
             ext.extra_compile_args = ["-O3", "-ffp-contract=off"]
             ext.extra_link_args = []
             if openmp:
