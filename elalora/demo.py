@@ -182,16 +182,6 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128) -> float:
     return correct / len(data)
 
 
-def unfreeze_head(model: nn.Module) -> list[str]:
-    """Make the classification head trainable (it is newly initialised); returns its parameter names."""
-    names = []
-    for name, p in model.named_parameters():
-        if name.startswith("classifier."):
-            p.requires_grad_(True)
-            names.append(name)
-    return names
-
-
 def train_loop(
     model: nn.Module,
     data: Encoded,
