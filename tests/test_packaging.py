@@ -202,3 +202,17 @@ def test_every_algorithm_reference_names_a_section_of_docs_algorithm():
                     assert int(section) in sections, where
                     assert item is None or (section == "4" and int(item) in round_items), where
     assert cited >= 30
+
+
+@pytest.mark.parametrize("command,extra", [("demo", "demo"), ("plot", "plot")])
+def test_a_command_whose_extra_is_missing_names_it(monkeypatch, capsys, tmp_path, command, extra):
+    from elalora import cli
+
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    argv = [command, "--out", str(tmp_path / "run")] if command == "demo" else [command, str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and f"elalora[{extra}]" in err
+    assert not (tmp_path / "run").exists()
