@@ -1,7 +1,7 @@
 """Packaging, as a new user meets it: the sdist carries every source, the wheel built from it installs
 into a fresh virtual environment and runs outside the checkout (extension, training step, demo), the
-C++ source also builds without its x86-only AVX2 clone, and the code's references to the algorithm
-document resolve.
+C++ source also builds without its x86-only AVX2 clone, the code's references to the algorithm
+document resolve, and a command whose extra is not installed says which one to install.
 
 The build tests compile the C++ extension once each (about a minute on 2 cores), hence ``slow``.
 """
