@@ -103,7 +103,8 @@ def export_peft_lora(
         "target_modules": [name for name, _ in layers],
         "lora_dropout": max(dropouts),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D stores W as [in, out]; lora_A/lora_B are the same either way
+        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

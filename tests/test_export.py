@@ -97,3 +97,27 @@ def test_export_refuses_merged_model(tmp_path):
     elalora.merge(ours)
     with pytest.raises(RuntimeError, match="merged"):
         export_peft_lora(ours, tmp_path)
+
+
+def test_gpt2_conv1d_export_loads_in_peft(tmp_path):
+    import _tiny_hf as tiny
+    from transformers import AutoModelForSequenceClassification
+
+    base = tiny.model("gpt2", auto=AutoModelForSequenceClassification)
+    ours = copy.deepcopy(base)
+    elalora.inject(ours, elalora.ElaLoRAConfig(r=2, task_type="SEQ_CLS"))  # c_attn, c_proj, c_fc: Conv1D
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(elalora.adapter_layers(ours)):
+            layer.lora_lam.copy_(torch.randn(layer.r_max, generator=g))
+            layer.set_active_rank(1 + i % 4)
+        ours.score.weight.add_(torch.randn(ours.score.weight.shape, generator=g))
+    export_peft_lora(ours, tmp_path, task_type="SEQ_CLS")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["modules_to_save"] == ["score"]
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ids = tiny.input_ids()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids).logits
+        assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapters matter
+        torch.testing.assert_close(served(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
