@@ -11,11 +11,13 @@ EMAs and optimizer state with it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import operator
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -56,9 +58,22 @@ class StepInfo:
 
     t: int
     phase: Phase
-    nonfinite: int = 0  # elements whose |w·g| was inf/nan; their EMAs were left unchanged
     round: Optional[RoundRecord] = None
     skipped: bool = False  # the optimizer skipped this step, so the allocator did too
+    _nonfinite: Union[int, Callable[[], int]] = field(default=0, repr=False)
+
+    @property
+    def nonfinite(self) -> int:
+        """Gradient elements whose ``|w·g|`` was inf/nan; their EMAs were left unchanged.
+
+        On the CPU this step's count. On a GPU the count accumulates on the device
+        and is read when asked: the first read syncs once and returns the elements
+        counted since the previous read (a round reads it, so after a round it is 0).
+        """
+        if callable(self._nonfinite):
+            self._nonfinite = self._nonfinite()
+        return self._nonfinite
+
 
 
 class RankAllocator:
@@ -127,6 +142,8 @@ class RankAllocator:
         self.ema_unc = torch.zeros(total, dtype=torch.float32, device=device)
         self._ipt_views = _views(self.ema_ipt, self.params, offsets)
         self._unc_views = _views(self.ema_unc, self.params, offsets)
+        # Launch tables built once for these EMA views (rebuilt only when a weight's or grad's storage moves).
+        self._score_plan = elalora_kernels.ScoreEmaPlan(self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2)
 
     # ------------------------------------------------------------ each step
     def step(self, *, optimizer_skipped: bool = False) -> StepInfo:
@@ -145,18 +162,15 @@ class RankAllocator:
         if any(layer.merged for layer in self.layers):
             raise RuntimeError("RankAllocator.step: unmerge the adapters before training")
         if info.phase != Phase.STABLE:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            info.nonfinite = elalora_kernels.score_ema_update(
-                self.params, grads, self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2
-            )
-            if info.nonfinite:
-                warnings.warn(
-                    f"elalora: {info.nonfinite} adapter gradient elements were inf/nan at step {t}; "
-                    "their importance EMAs were left unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            nonfinite = self._score_plan.update(self.params, _grads(self.params))
+            if nonfinite is None:  # on the device: read when asked, and at rounds (which sync anyway)
+                info._nonfinite = self._score_plan.read_nonfinite
+            else:
+                info._nonfinite = nonfinite
+                _warn_nonfinite(nonfinite, f"at step {t}")
             if is_round_step(t, self.config):
+                if nonfinite is None:
+                    _warn_nonfinite(info.nonfinite, f"since the last read (up to step {t})")
                 info.round = self._round(t, budget(t, self.config))
                 self.history.append(info.round)
         self.t = t + 1
@@ -284,6 +298,26 @@ class RankAllocator:
         self.generator.set_state(state["generator"])
         self.history = [RoundRecord(**r) for r in state["history"]]
         self.t = int(state["t"])
+
+
+_GRAD = operator.attrgetter("grad")
+
+
+def _grads(params: list[Tensor]) -> list[Tensor]:
+    """Every param's grad, zeros where there is none; C-level loops (a Python loop over 672 grads costs 2x)."""
+    grads = list(map(_GRAD, params))
+    if any(map(operator.is_, itertools.repeat(None), grads)):  # never `None in grads`: that compares tensors
+        grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+    return grads
+
+
+def _warn_nonfinite(count: int, when: str) -> None:
+    if count:
+        warnings.warn(
+            f"elalora: {count} adapter gradient elements were inf/nan {when}; their importance EMAs were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _slot_params(layer: ElaLoRALinear) -> tuple[Tensor, Tensor, Tensor]:

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from elalora_kernels.limits import MAX_R_MAX
+
 from ._checks import is_int, is_number
 from .architectures import TASK_TYPES
 
@@ -100,6 +102,8 @@ class ElaLoRAConfig:
             _fail("r", "must be >= 1", self.r)
         if self.r_max < self.r:
             _fail("r_max", f"must be >= r = {self.r}", self.r_max)
+        if self.r_max > MAX_R_MAX:
+            _fail("r_max", f"must be <= {MAX_R_MAX}, the kernels' limit", self.r_max)
         if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
             _fail("lora_alpha", "must be a finite number > 0", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):

@@ -94,6 +94,8 @@ class ElaLoRALinear(nn.Module):
             raise ValueError(f"ElaLoRALinear: r must be an int >= 1 (got {r!r})")
         if not (is_int(r_max) and r_max >= r):
             raise ValueError(f"ElaLoRALinear: r_max must be an int >= r = {r} (got {r_max!r})")
+        if r_max > elalora_kernels.MAX_R_MAX:
+            raise ValueError(f"ElaLoRALinear: r_max must be <= {elalora_kernels.MAX_R_MAX}, the kernels' limit (got {r_max})")
         if not (is_number(lora_alpha) and lora_alpha > 0):
             raise ValueError(f"ElaLoRALinear: lora_alpha must be a finite number > 0 (got {lora_alpha!r})")
         if not (is_number(lora_dropout) and 0 <= lora_dropout < 1):

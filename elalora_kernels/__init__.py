@@ -5,5 +5,6 @@ one chosen per call by :mod:`elalora_kernels.dispatch`.
 """
 from .dispatch import BACKENDS, adapter_linear, backend_for, orth_penalty, rank_scores, score_ema_update
 from .limits import MAX_R_MAX
+from .score_ema_plan import ScoreEmaPlan
 
-__all__ = ["BACKENDS", "MAX_R_MAX", "adapter_linear", "backend_for", "orth_penalty", "rank_scores", "score_ema_update"]
+__all__ = ["BACKENDS", "MAX_R_MAX", "ScoreEmaPlan", "adapter_linear", "backend_for", "orth_penalty", "rank_scores", "score_ema_update"]

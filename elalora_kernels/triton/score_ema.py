@@ -119,7 +119,8 @@ def _score_ema_kernel(
 class _Plan:
     """Device tables of one group of tensors (one launch)."""
 
-    __slots__ = ("ptrs", "numels", "blocks", "nblocks", "aligned", "w_dtype", "g_dtype")
+    __slots__ = ("ptrs", "numels", "blocks", "nblocks", "aligned", "w_dtype", "g_dtype", "w_torch_dtype", "g_torch_dtype",
+                 "device")
 
 
 _block_cache: "OrderedDict[tuple, tuple[Tensor, Tensor]]" = OrderedDict()
@@ -158,14 +159,22 @@ def _plan(group: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> _Plan:
     if hit is not None:
         _ptr_cache.move_to_end(key)
         return hit
+    return _remember(_ptr_cache, key, _build_plan(group))
+
+
+def _build_plan(group: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> _Plan:
+    addrs = [t.data_ptr() for quad in group for t in quad]
+    device = group[0][0].device
     plan = _Plan()
-    plan.numels, plan.blocks = _block_tables(numels, device)
+    plan.numels, plan.blocks = _block_tables(tuple(quad[0].numel() for quad in group), device)
     plan.nblocks = plan.blocks.shape[0]
     plan.ptrs = torch.tensor(addrs, dtype=torch.int64).view(-1, 4).to(device)
     plan.aligned = all(a % 16 == 0 for a in addrs)
-    plan.w_dtype = TL_DTYPE[group[0][0].dtype]
-    plan.g_dtype = TL_DTYPE[group[0][1].dtype]
-    return _remember(_ptr_cache, key, plan)
+    plan.w_torch_dtype, plan.g_torch_dtype = group[0][0].dtype, group[0][1].dtype
+    plan.w_dtype = TL_DTYPE[plan.w_torch_dtype]
+    plan.g_dtype = TL_DTYPE[plan.g_torch_dtype]
+    plan.device = device
+    return plan
 
 
 def _kernel_ok(w: Tensor, g: Tensor, i: Tensor, u: Tensor) -> bool:
@@ -196,6 +205,80 @@ def _use_cuda_extension(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("ELALORA_SCORE_EMA", "triton") == "cuda" and cuda_extension() is not None
 
 
+def launch(plan: _Plan, count: Tensor, beta1: float, beta2: float) -> None:
+    """One launch over the tensors of ``plan``; adds the non-finite elements to ``count`` (int32 [1])."""
+    b1, b2 = float(beta1), float(beta2)
+    if _use_cuda_extension(plan.device):
+        cuda_extension().score_ema_launch(  # the binding guards the device itself
+            plan.ptrs, plan.numels, plan.blocks, count, _CUDA_DTYPE[plan.w_torch_dtype], _CUDA_DTYPE[plan.g_torch_dtype],
+            plan.aligned, b1, 1.0 - b1, b2, 1.0 - b2,
+        )
+        return
+    with _common.launch_guard(plan.device):
+        _score_ema_kernel[(plan.nblocks,)](
+            plan.ptrs, plan.numels, plan.blocks, count,
+            b1, 1.0 - b1, b2, 1.0 - b2,
+            W_DTYPE=plan.w_dtype, G_DTYPE=plan.g_dtype, BLOCK=BLOCK, ALIGNED=plan.aligned,
+            num_warps=8,
+            enable_fp_fusion=False,  # keep β·Ī + (1−β)·ipt as torch computes it: no FMA
+        )
+
+
+class LaunchPlan:
+    """The update of one fixed list of EMA tensors (the allocator's), planned once.
+
+    The launch tables are built at the first step and rebuilt only when the
+    address of a weight or gradient changes (e.g. gradients re-allocated after
+    ``zero_grad(set_to_none=True)`` without the caching allocator handing back
+    the same blocks). In the steady state a step reads the addresses, compares
+    them and launches: no host-to-device copy, no allocation and no sync, so
+    it can be captured in a CUDA graph. Non-finite elements accumulate in the
+    int32 device counter ``count`` until someone reads it (:meth:`read_count`).
+    ``launcher`` is the function that launches (a stub measures host time).
+    """
+
+    def __init__(self, ema_ipt: Sequence[Tensor], ema_unc: Sequence[Tensor], launcher=None) -> None:
+        self.ema_ipt, self.ema_unc = list(ema_ipt), list(ema_unc)
+        self.device = self.ema_ipt[0].device
+        self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.launcher = launcher or launch
+        self.rebuilds = 0
+        self._addresses: list[int] | None = None
+        self._plans: list[_Plan] | None = None  # None: a layout the kernel does not take (generic path)
+
+    def update(self, weights: Sequence[Tensor], grads: Sequence[Tensor], beta1: float, beta2: float) -> None:
+        addresses = list(map(Tensor.data_ptr, weights))
+        addresses += map(Tensor.data_ptr, grads)
+        if addresses != self._addresses:
+            self._rebuild(weights, grads, addresses)
+        if self._plans is None:
+            self.count += score_ema_update_async(weights, grads, self.ema_ipt, self.ema_unc, beta1, beta2)
+            return
+        for plan in self._plans:
+            self.launcher(plan, self.count, beta1, beta2)
+
+    def read_count(self) -> int:
+        """Non-finite elements since the last read (one device sync); resets the counter."""
+        n = int(self.count.item())
+        self.count.zero_()
+        return n
+
+    def _rebuild(self, weights, grads, addresses) -> None:
+        if not (len(weights) == len(grads) == len(self.ema_ipt)):
+            raise ValueError(
+                f"score_ema LaunchPlan: {len(weights)} weights and {len(grads)} grads for {len(self.ema_ipt)} EMA tensors"
+            )
+        quads = [tuple(t.detach() for t in q) for q in zip(weights, grads, self.ema_ipt, self.ema_unc)]
+        quads = [q for q in quads if q[0].numel()]
+        groups: dict[tuple, list] = {}
+        for q in quads:
+            groups.setdefault((q[0].dtype, q[1].dtype), []).append(q)
+        usable = bool(quads) and all(_kernel_ok(*q) and q[0].device == self.device for q in quads)
+        self._plans = [_build_plan(group) for group in groups.values()] if usable else None
+        self._addresses = addresses
+        self.rebuilds += 1
+
+
 def score_ema_update_async(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -218,32 +301,8 @@ def score_ema_update_async(
             count += reference.score_ema_update([w], [g], [i], [u], beta1, beta2)
             continue
         groups.setdefault((w.dtype, g.dtype, w.device), []).append((w, g, i, u))
-    b1, b2 = float(beta1), float(beta2)
-    for (w_dtype, g_dtype, dev), group in groups.items():
-        plan = _plan(group)
-        if _use_cuda_extension(dev):
-            cuda_extension().score_ema_launch(  # the binding guards the device itself
-                plan.ptrs, plan.numels, plan.blocks, count, _CUDA_DTYPE[w_dtype], _CUDA_DTYPE[g_dtype],
-                plan.aligned, b1, 1.0 - b1, b2, 1.0 - b2,
-            )
-            continue
-        with _common.launch_guard(dev):
-            _score_ema_kernel[(plan.nblocks,)](
-                plan.ptrs,
-                plan.numels,
-                plan.blocks,
-                count,
-                b1,
-                1.0 - b1,
-                b2,
-                1.0 - b2,
-                W_DTYPE=plan.w_dtype,
-                G_DTYPE=plan.g_dtype,
-                BLOCK=BLOCK,
-                ALIGNED=plan.aligned,
-                num_warps=8,
-                enable_fp_fusion=False,  # keep β·Ī + (1−β)·ipt as torch computes it: no FMA
-            )
+    for group in groups.values():
+        launch(_plan(group), count, beta1, beta2)
     return count
 
 

@@ -1,0 +1,105 @@
+"""The allocator's score+EMA launch plan on the Triton backend (interpreter on CPU).
+
+* EMAs bit-identical to the reference backend, step after step;
+* the launch tables are built once and rebuilt only when a gradient's storage moves;
+* a steady-state step runs no torch op at all around the launch (no host-to-device
+  copy, no allocation, no sync: capturable in a CUDA graph);
+* the non-finite count waits on the device until read (a StepInfo read, or a round,
+  which also warns).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _reliability_util as U  # noqa: E402
+from elalora import RankAllocator  # noqa: E402
+from elalora_kernels import ScoreEmaPlan, dispatch  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy on inf/nan (interpreter)
+
+
+def _allocator(device, total_steps=40):
+    config = U.small_config(total_steps=total_steps)
+    model, _ = U.build(config)
+    return RankAllocator(model.to(device), config)
+
+
+def _set_grads(alloc, seed, bad=False):
+    g = torch.Generator().manual_seed(seed)
+    for p in alloc.params:
+        grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad.copy_(grad)  # same storage, as zero_grad(set_to_none=False) leaves it
+    if bad:
+        alloc.params[0].grad.view(-1)[:3] = float("nan")
+
+
+def test_plan_matches_reference_and_builds_tables_once(device, monkeypatch):
+    fast, ref = _allocator(device), _allocator(device)
+    for step in range(4):
+        for backend, alloc in (("triton", fast), ("reference", ref)):
+            monkeypatch.setenv(dispatch.ENV_VAR, backend)
+            _set_grads(alloc, step)
+            assert alloc.step().nonfinite == 0
+    assert torch.equal(fast.ema_ipt, ref.ema_ipt) and torch.equal(fast.ema_unc, ref.ema_unc)
+    assert fast._score_plan.rebuilds == 1
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    for p in fast.params:
+        p.grad = p.grad.clone()  # new storage: the tables follow it
+    fast.step()
+    assert fast._score_plan.rebuilds == 2
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_steady_state_step_runs_no_torch_op_besides_the_launch(device, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    launches = []
+    alloc = _allocator(device)
+    grads = [torch.randn_like(p) for p in alloc.params]
+    plan = ScoreEmaPlan(alloc._ipt_views, alloc._unc_views, 0.85, 0.85, launcher=lambda *a: launches.append(a))
+    plan.update(alloc.params, grads)  # first step: builds the tables
+    with _RecordOps() as rec:
+        for _ in range(3):
+            assert plan.update(alloc.params, grads) is None  # the count stays on the device
+    assert rec.ops == [], f"steady-state steps ran torch ops: {rec.ops}"
+    assert len(launches) == 4 * len(plan._device_plan._plans) and plan.rebuilds == 1
+
+
+def test_nonfinite_count_waits_on_the_device_until_read(device, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    alloc = _allocator(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no per-step warning: it would need the count
+        _set_grads(alloc, 0, bad=True)
+        first = alloc.step()
+        _set_grads(alloc, 1, bad=True)
+        second = alloc.step()
+    assert second.nonfinite == 6  # both steps' elements: read once, since the last read
+    assert first.nonfinite == 0  # read after the second: nothing new since
+    _set_grads(alloc, 2, bad=True)
+    alloc.step()  # t = 2: counted, not read
+    while alloc.t < 5:
+        _set_grads(alloc, alloc.t)
+        alloc.step()
+    _set_grads(alloc, 5)
+    with pytest.warns(RuntimeWarning, match="3 adapter gradient elements were inf/nan since the last read"):
+        info = alloc.step()  # t = 5: the first round reads the count and warns
+    assert info.round is not None and info.nonfinite == 3
