@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from . import fsdp
 from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear
 from .model import adapter_layers, inject, out_in_features, target_names
@@ -118,7 +119,8 @@ def save_adapter(
     With ``include_trainable`` every other trainable parameter outside the
     adapters (such as a newly initialised classification head) is saved as
     ``extra.<name>``. ``base_model`` (JSON data describing the base model, as
-    ``save_pretrained`` writes it) is stored as is. Returns the directory.
+    ``save_pretrained`` writes it) is stored as is. Returns the directory. Under FSDP2 call it on every process:
+    all gather the adapters, the first process of the mesh writes.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -134,9 +136,9 @@ def save_adapter(
     meta_layers = {}
     for name, layer in layers:
         r = layer.active_rank
-        tensors[f"{name}.lora_P"] = layer.lora_P[:, :r]
-        tensors[f"{name}.lora_lam"] = layer.lora_lam[:r]
-        tensors[f"{name}.lora_Q"] = layer.lora_Q[:r]
+        tensors[f"{name}.lora_P"] = fsdp.full(layer.lora_P)[:, :r]
+        tensors[f"{name}.lora_lam"] = fsdp.full(layer.lora_lam)[:r]
+        tensors[f"{name}.lora_Q"] = fsdp.full(layer.lora_Q)[:r]
         meta_layers[name] = {
             "rank": r,
             "r_init": layer.r_init,
@@ -152,12 +154,15 @@ def save_adapter(
         adapter_params = {id(p) for _, layer in layers for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
         for pname, p in model.named_parameters():
             if p.requires_grad and id(p) not in adapter_params:
-                tensors[f"extra.{pname}"] = p
+                tensors[f"extra.{pname}"] = fsdp.full(p)
                 extra.append(pname)
 
+    alloc_state = allocator.state_dict() if allocator is not None else None  # a collective under FSDP2
+    if not fsdp.is_writer(layers[0][1].lora_P):
+        return directory
     digest = write_safetensors_atomic(directory / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
-    if allocator is not None:
-        _save_allocator(allocator, directory)
+    if alloc_state is not None:
+        _save_allocator(alloc_state, directory)
     else:  # a stale allocator state from an earlier save must not pair with these weights
         for stale in (ALLOC_JSON, ALLOC_TENSORS):
             if (directory / stale).exists():
@@ -178,8 +183,7 @@ def save_adapter(
     return directory
 
 
-def _save_allocator(allocator, directory: Path) -> None:
-    state = allocator.state_dict()
+def _save_allocator(state: dict, directory: Path) -> None:
     generator = state["generator"]
     digest = write_safetensors_atomic(
         directory / ALLOC_TENSORS,
@@ -337,17 +341,13 @@ def load_adapter(
             r = info["rank"]
             for key in SLOT_TENSORS:
                 param = getattr(layer, key)
-                src = tensors[f"{name}.{key}"]
-                if key == "lora_P":
-                    param[:, :r].copy_(src)
-                    param[:, r:].zero_()
-                else:
-                    param[:r].copy_(src)
-                    param[r:].zero_()
+                whole = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+                (whole[:, :r] if key == "lora_P" else whole[:r]).copy_(tensors[f"{name}.{key}"])
+                fsdp.copy_whole_into(param, whole)  # under FSDP2: this process's rows
             layer.set_active_rank(r)
         for pname in extra:
             if pname in params:
-                params[pname].copy_(tensors[f"extra.{pname}"])
+                fsdp.copy_whole_into(params[pname], tensors[f"extra.{pname}"])
     if alloc_state is not None:
         allocator.load_state_dict(alloc_state)
     return {name: info["rank"] for name, info in saved_layers.items()}
@@ -424,5 +424,7 @@ def load_allocator_state(allocator, directory: str | Path) -> None:
 def save_allocator_state(allocator, directory: str | Path) -> None:
     """Write only the allocator state (``allocator.json`` + ``allocator.safetensors``) to ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _save_allocator(allocator, directory)
+    state = allocator.state_dict()  # a collective under FSDP2
+    if fsdp.is_writer(allocator.params[0]):
+        directory.mkdir(parents=True, exist_ok=True)
+        _save_allocator(state, directory)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 import elalora_kernels
 
+from . import fsdp
 from ._checks import is_number
 from .layer import ElaLoRALinear
 from .model import adapter_layers
@@ -18,6 +19,8 @@ def orth_penalty(source: Union[nn.Module, Sequence[ElaLoRALinear]], coeff: float
 
     ``source`` is a model holding ElaLoRALinear layers or a sequence of them
     (``RankAllocator.orth_penalty()`` passes its own layers and coefficient).
+    Under FSDP2 (adapters sharded by ``fully_shard``) it is a collective: call it
+    on every process; each gets the same value and gradients for its own shards.
     """
     if isinstance(source, nn.Module):
         layers = [m for _, m in adapter_layers(source)]
@@ -31,6 +34,8 @@ def orth_penalty(source: Union[nn.Module, Sequence[ElaLoRALinear]], coeff: float
         raise ValueError(f"orth_penalty: coeff must be a finite number >= 0 (got {coeff!r})")
     if not layers:
         raise ValueError("orth_penalty: no ElaLoRALinear layers found")
+    if fsdp.is_sharded(layers[0].lora_P):
+        return fsdp.orth_penalty(layers, coeff)
     return elalora_kernels.orth_penalty(
         [layer.lora_P for layer in layers],
         [layer.lora_Q for layer in layers],

@@ -305,6 +305,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(enable_first):
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.subprocess
 def test_import_elalora_exposes_integrations_lazily():
     # transformers is optional: `import elalora` must not import it, `elalora.integrations` must work
     script = ("import sys, elalora; assert 'transformers' not in sys.modules; "

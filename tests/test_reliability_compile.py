@@ -65,6 +65,7 @@ def test_compiled_training_matches_eager_across_rounds_aot_eager():
     _assert_matches_eager("aot_eager")
 
 
+@pytest.mark.slow  # inductor compiles C++: tens of seconds
 def test_compiled_training_matches_eager_across_rounds_inductor():
     _assert_matches_eager("inductor")
 
