@@ -227,6 +227,7 @@ class LogRecorder(TrainerCallback):
 
 
 def test_metrics_reach_tensorboard_and_callbacks_listed_before_ours(tmp_path):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = tiny_model()
