@@ -25,6 +25,7 @@ from torch import Tensor
 
 import elalora_kernels
 
+from . import fsdp
 from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear
 from .model import adapter_layers
@@ -73,7 +74,6 @@ class StepInfo:
         if callable(self._nonfinite):
             self._nonfinite = self._nonfinite()
         return self._nonfinite
-
 
 
 class RankAllocator:
@@ -134,14 +134,17 @@ class RankAllocator:
                     f"RankAllocator: optimizer does not hold {len(missing)} adapter parameters "
                     f"(first: {missing[:3]}); pass the optimizer that trains this model's adapters"
                 )
-        offsets = _aligned_offsets(self.params)
+        # Under FSDP2 every process scores and keeps EMAs for its own shards only.
+        self._shards = fsdp.AdapterShards(self.layers, self.params) if fsdp.is_sharded(self.params[0]) else None
+        shards = [fsdp.local(p) for p in self.params]
+        offsets = _aligned_offsets(shards)
         total = offsets[-1]
         device = devices.pop()
         # Two flat float32 buffers hold every EMA; per-tensor views index into them.
         self.ema_ipt = torch.zeros(total, dtype=torch.float32, device=device)
         self.ema_unc = torch.zeros(total, dtype=torch.float32, device=device)
-        self._ipt_views = _views(self.ema_ipt, self.params, offsets)
-        self._unc_views = _views(self.ema_unc, self.params, offsets)
+        self._ipt_views = _views(self.ema_ipt, shards, offsets)
+        self._unc_views = _views(self.ema_unc, shards, offsets)
         # Launch tables built once for these EMA views (rebuilt only when a weight's or grad's storage moves).
         self._score_plan = elalora_kernels.ScoreEmaPlan(self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2)
 
@@ -162,7 +165,12 @@ class RankAllocator:
         if any(layer.merged for layer in self.layers):
             raise RuntimeError("RankAllocator.step: unmerge the adapters before training")
         if info.phase != Phase.STABLE:
-            nonfinite = self._score_plan.update(self.params, _grads(self.params))
+            if self._shards is None:
+                weights = self.params
+                grads = _grads(self.params)
+            else:
+                weights, grads = self._shards.weights_and_grads(self.params)
+            nonfinite = self._score_plan.update(weights, grads)
             if nonfinite is None:  # on the device: read when asked, and at rounds (which sync anyway)
                 info._nonfinite = self._score_plan.read_nonfinite
             else:
@@ -178,9 +186,11 @@ class RankAllocator:
 
     # ---------------------------------------------------------------- round
     def rank_scores(self) -> Tensor:
-        """docs/ALGORITHM.md §3 scores of every slot: float32 [layers, r_max]."""
+        """docs/ALGORITHM.md §3 scores of every slot: float32 [layers, r_max] (under FSDP2: one all-reduce)."""
         ipt = [tuple(self._ipt_views[3 * i : 3 * i + 3]) for i in range(len(self.layers))]
         unc = [tuple(self._unc_views[3 * i : 3 * i + 3]) for i in range(len(self.layers))]
+        if self._shards is not None:
+            return self._shards.rank_scores(ipt, unc)
         return elalora_kernels.rank_scores(ipt, unc)
 
     @torch.no_grad()
@@ -189,18 +199,20 @@ class RankAllocator:
         ranks = [layer.active_rank for layer in self.layers]
         plan = plan_round(table, ranks, self.r_max, self.config.k, b)
         record = RoundRecord(step=t, budget=b)
-        for m, slot in sorted(plan.prune, key=lambda mj: -mj[1]):  # descending slots keep indices valid
-            last = ranks[m] - 1
-            if slot != last:
-                for tensor, dim in self._slot_tensors(m):
-                    _swap(tensor, dim, slot, last)
-            ranks[m] = last
-            record.pruned[self.names[m]] = record.pruned.get(self.names[m], 0) + 1
-        with _one_thread():
-            for m in plan.expand:
-                self._init_slot(m, ranks[m])
-                ranks[m] += 1
-                record.expanded[self.names[m]] = record.expanded.get(self.names[m], 0) + 1
+        touched = {m: self._slot_tensors(m) for m in sorted({m for m, _ in plan.prune} | set(plan.expand))}
+        with self._editable(touched, set(plan.expand)) as slots:
+            for m, slot in sorted(plan.prune, key=lambda mj: -mj[1]):  # descending slots keep indices valid
+                last = ranks[m] - 1
+                if slot != last:
+                    for tensor, dim in slots[m]:
+                        _swap(tensor, dim, slot, last)
+                ranks[m] = last
+                record.pruned[self.names[m]] = record.pruned.get(self.names[m], 0) + 1
+            with _one_thread():
+                for m in plan.expand:
+                    _init_slot(slots[m], ranks[m], self.generator)
+                    ranks[m] += 1
+                    record.expanded[self.names[m]] = record.expanded.get(self.names[m], 0) + 1
         for m, layer in enumerate(self.layers):
             if layer.active_rank != ranks[m]:
                 layer.set_active_rank(ranks[m])
@@ -212,30 +224,26 @@ class RankAllocator:
         return record
 
     def _slot_tensors(self, m: int) -> list[tuple[Tensor, int]]:
-        """Every tensor holding per-slot data of layer m, with its slot dimension."""
-        out = []
-        for i, (param, dim) in enumerate(zip(_slot_params(self.layers[m]), (1, 0, 0))):
-            out += [(param.data, dim), (self._ipt_views[3 * m + i], dim), (self._unc_views[3 * m + i], dim)]
-            out += [(state, dim) for state in self._optimizer_state(param)]
+        """Every tensor holding per-slot data of layer m, with its slot dimension: the
+        parameters P, λ, Q first, then their EMAs and optimizer state (this process's shards)."""
+        params = _slot_params(self.layers[m])
+        out = [(fsdp.local(param.data), dim) for param, dim in zip(params, SLOT_DIMS)]
+        for i, (param, dim) in enumerate(zip(params, SLOT_DIMS)):
+            out += [(self._ipt_views[3 * m + i], dim), (self._unc_views[3 * m + i], dim)]
+            out += [(fsdp.local(state), dim) for state in self._optimizer_state(param)]
         return out
+
+    def _editable(self, touched: dict[int, list[tuple[Tensor, int]]], expanding: set[int]):
+        """The round's slot tensors, edited in place; under FSDP2 whole where slots span processes."""
+        if self._shards is None:
+            return contextlib.nullcontext(touched)
+        return self._shards.whole_slots(touched, expanding)
 
     def _optimizer_state(self, param: Tensor) -> list[Tensor]:
         if self.optimizer is None:
             return []
         state = self.optimizer.state.get(param, {})
         return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
-
-    def _init_slot(self, m: int, slot: int) -> None:
-        """docs/ALGORITHM.md §4.6: a new rank orthogonal to the active ones, λ ≈ 0, zero EMAs and moments."""
-        layer = self.layers[m]
-        for tensor, dim in self._slot_tensors(m):
-            tensor.select(dim, slot).zero_()
-        q = _orthogonal_unit(layer.lora_Q[:slot], self.generator)
-        p = _orthogonal_unit(layer.lora_P[:, :slot].t(), self.generator)
-        layer.lora_Q[slot] = q.to(layer.lora_Q.dtype)
-        layer.lora_P[:, slot] = p.to(layer.lora_P.dtype)
-        smallest = float(layer.lora_lam[:slot].abs().min()) if slot > 0 else 0.0
-        layer.lora_lam[slot] = min(smallest, 1e-13)
 
     # ------------------------------------------------------------- queries
     def rank_pattern(self) -> dict[str, int]:
@@ -252,14 +260,23 @@ class RankAllocator:
 
     # ------------------------------------------------------------ resuming
     def state_dict(self) -> dict:
-        """Everything needed to resume bit for bit (the active masks live in the model)."""
+        """Everything needed to resume bit for bit (the active masks live in the model).
+
+        Under FSDP2 the EMAs are gathered into the single-process layout (a
+        collective: call it on every process), so the state loads at any world size.
+        """
+        if self._shards is None:
+            ema_ipt, ema_unc = self.ema_ipt.clone(), self.ema_unc.clone()
+        else:
+            offsets = _aligned_offsets(self.params)
+            ema_ipt, ema_unc = self._shards.whole_emas((self._ipt_views, self._unc_views), self.params, offsets)
         return {
             "version": STATE_VERSION,
             "t": self.t,
             "config": self.config.to_dict(),
             "layers": list(self.names),
-            "ema_ipt": self.ema_ipt.clone(),
-            "ema_unc": self.ema_unc.clone(),
+            "ema_ipt": ema_ipt,
+            "ema_unc": ema_unc,
             "generator": self.generator.get_state(),
             "history": [asdict(r) for r in self.history],
             "ranks": [layer.active_rank for layer in self.layers],  # checked on load: masks must match
@@ -282,10 +299,11 @@ class RankAllocator:
         diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
         if diff:
             raise ValueError(f"RankAllocator.load_state_dict: config differs (saved, current): {diff}")
+        offsets = _aligned_offsets(self.params)  # the single-process layout of the EMAs
         for key in ("ema_ipt", "ema_unc"):
             src = state[key]
-            if not (isinstance(src, Tensor) and src.shape == self.ema_ipt.shape and src.dtype == torch.float32):
-                raise ValueError(f"RankAllocator.load_state_dict: {key} must be float32 of shape {tuple(self.ema_ipt.shape)}")
+            if not (isinstance(src, Tensor) and src.shape == (offsets[-1],) and src.dtype == torch.float32):
+                raise ValueError(f"RankAllocator.load_state_dict: {key} must be float32 of shape {(offsets[-1],)}")
         ranks = [layer.active_rank for layer in self.layers]
         if list(state["ranks"]) != ranks:
             raise ValueError(
@@ -293,8 +311,12 @@ class RankAllocator:
                 f"(saved {list(state['ranks'])}, model {ranks}); load the model's state_dict, "
                 "which holds the `active` masks, before the allocator's"
             )
-        self.ema_ipt.copy_(state["ema_ipt"])
-        self.ema_unc.copy_(state["ema_unc"])
+        if self._shards is None:
+            self.ema_ipt.copy_(state["ema_ipt"])
+            self.ema_unc.copy_(state["ema_unc"])
+        else:
+            self._shards.load_emas(state["ema_ipt"], self._ipt_views, self.params, offsets)
+            self._shards.load_emas(state["ema_unc"], self._unc_views, self.params, offsets)
         self.generator.set_state(state["generator"])
         self.history = [RoundRecord(**r) for r in state["history"]]
         self.t = int(state["t"])
@@ -322,6 +344,23 @@ def _warn_nonfinite(count: int, when: str) -> None:
 
 def _slot_params(layer: ElaLoRALinear) -> tuple[Tensor, Tensor, Tensor]:
     return layer.lora_P, layer.lora_lam, layer.lora_Q
+
+
+SLOT_DIMS = (1, 0, 0)  # the slot dimension of P [out, r_max], λ [r_max], Q [r_max, in]
+
+
+def _init_slot(tensors: list[tuple[Tensor, int]], slot: int, generator: torch.Generator) -> None:
+    """docs/ALGORITHM.md §4.6 on one layer's slot tensors (P, λ, Q first): a new rank orthogonal to
+    the active ones, λ ≈ 0, zero EMAs and moments."""
+    for tensor, dim in tensors:
+        tensor.select(dim, slot).zero_()
+    (P, _), (lam, _), (Q, _) = tensors[:3]
+    q = _orthogonal_unit(Q[:slot], generator)
+    p = _orthogonal_unit(P[:, :slot].t(), generator)
+    Q[slot] = q.to(Q.dtype)
+    P[:, slot] = p.to(P.dtype)
+    smallest = float(lam[:slot].abs().min()) if slot > 0 else 0.0
+    lam[slot] = min(smallest, 1e-13)
 
 
 EMA_ALIGN = 4  # elements: every view starts on a 16-byte boundary, so GPU kernels can use vector loads

@@ -17,9 +17,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
-)
+pytestmark = [
+    pytest.mark.subprocess,  # two worker processes
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"),
+]
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fsdp_worker.py")
 WORLD = 2
