@@ -65,7 +65,7 @@ def test_sdist_carries_every_source_the_licence_and_the_demo_data(sdist):
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     expected = {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in"}
     for pattern in ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "elalora/**/*.py", "elalora_kernels/**/*.py",
-                    "elalora/data/*"):
+                    "elalora/data/*", "examples/*.py", "docs/*.md"):
         expected |= {p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
     assert any(name.startswith("csrc/cuda/") and name.endswith(".h") for name in expected)
     assert expected <= names, f"missing from the sdist: {sorted(expected - names)}"
@@ -188,7 +188,8 @@ def test_every_algorithm_reference_names_a_section_of_docs_algorithm():
     assert sections == set(range(1, 8)) and round_items == set(range(1, 7))
 
     cited = 0
-    for pattern in ("elalora/**/*.py", "elalora_kernels/**/*.py", "csrc/**/*.*", "tests/**/*.py", "benchmarks/**/*.py"):
+    code = ("elalora", "elalora_kernels", "tests", "benchmarks", "examples")
+    for pattern in [f"{folder}/**/*.py" for folder in code] + ["csrc/**/*.*"]:
         for path in ROOT.glob(pattern):
             if path.name == "test_packaging.py":  # this test's own patterns
                 continue
