@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.elalora-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 $(STAMP): setup.py pyproject.toml MANIFEST.in $(wildcard csrc/*.cpp csrc/cuda/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compare.py
+
+# On a CUDA machine: the GPU tests, then benchmarks/gpu.py (checks + timings), writing
+# benchmarks/gpu_results.json and benchmarks/gpu_results.md (< 8 min on an H200).
+# GPU_CHECK_ARGS=--smoke runs the benchmark's tiny interpreter version on CPU (CI).
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(PY) -m pytest tests/triton tests/test_autocast.py -q $(PYTEST_ARGS)
+	$(PY) benchmarks/gpu.py --json benchmarks/gpu_results.json --table benchmarks/gpu_results.md $(GPU_CHECK_ARGS)
 
 # Also the compiled extensions that the editable install put next to the sources.
 clean:
