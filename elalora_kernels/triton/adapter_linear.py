@@ -17,6 +17,32 @@ Backward (``g = ∂L/∂y``):
 * kernel ``_tn`` (split-N partials, deterministic): ``dP = gᵀ (s·xq ⊙ λ_eff)``
   and ``dQ = uᵀ x``, each a reduction over N.
 
+Design note — bytes moved beyond the base GEMMs (x W0ᵀ and g W0), one layer at
+N = 8192, in = out = d = 4096, r = 16, bf16; an N×d tensor is 64 MiB, N×r ones
+and the weights' r-wide factors are negligible. The base fwd + dx moves 320 MiB
+(read x, g, W0 twice; write y, dx) and is compute-bound, so these bytes are the
+adapter's cost:
+
+* separate kernels (this file): forward re-reads x and read-modify-writes y
+  (192); backward reads g for u/dλ and read-modify-writes dx (192), reads g for
+  dP (64) and x for dQ (64): 512 MiB;
+* eager PEFT LoRA (for scale): N×d temporaries for B(Ax) and its gradient and
+  the adds into y and dx: 768 MiB;
+* K-concatenated GEMM with cuBLAS, ``y = [x | u]·[W0 | P]ᵀ`` and
+  ``dx = [g | v]·[W0 ; Q]`` (u = s·(x Qᵀ)⊙λ_eff, v = s·(g P)⊙λ_eff; W0, P and Q
+  can live in one (out+r)×(in+r) buffer, so both weight operands are views):
+  one pass writing [x | u] while computing u (128), one writing [g | v] while
+  accumulating dP (128), x read for dQ (64): 320 MiB, and the y/dx
+  read-modify-writes are gone;
+* a fused epilogue (a Triton GEMM that adds u Pᵀ to its accumulator, and v Q
+  in the dx GEMM): u needs x (64), v and dP one pass over g (64), dQ x (64):
+  192 MiB, but the base GEMM becomes ours instead of cuBLAS's.
+
+With an H200's data-sheet figures (4.8 TB/s; 989 TFLOP/s dense bf16, so the
+base's 0.55 PFLOP take 0.56 ms) the floors are about 1.20x (512 MiB), 1.13x
+(320) and 1.08x (192) of the base — arithmetic, not measurements: the separate
+kernels stay until ``benchmarks/gpu.py`` (``make gpu-check``) has timed a GPU.
+
 Matmul operands are in the input dtype (bf16/fp16 use tensor cores; fp32 uses
 IEEE fp32, never TF32, as torch does by default), accumulation is fp32. Ranks
 change at run time: ``r`` is a runtime argument; only its power-of-two block is
