@@ -39,7 +39,7 @@ adapter's cost:
   192 MiB, but the base GEMM becomes ours instead of cuBLAS's.
 
 With an H200's data-sheet figures (4.8 TB/s; 989 TFLOP/s dense bf16, so the
-base's 0.55 PFLOP take 0.56 ms) the floors are about 1.20x (512 MiB), 1.13x
+base's 0.55 TFLOP take 0.56 ms) the floors are about 1.20x (512 MiB), 1.13x
 (320) and 1.08x (192) of the base — arithmetic, not measurements: the separate
 kernels stay until ``benchmarks/gpu.py`` (``make gpu-check``) has timed a GPU.
 
