@@ -67,7 +67,7 @@ import torch.nn as nn  # noqa: E402
 import triton  # noqa: E402
 
 import elalora_kernels.triton as tk  # noqa: E402
-from elalora_kernels import ScoreEmaPlan, reference  # noqa: E402
+from elalora_kernels import ScoreEmaPlan, reference, use_backend  # noqa: E402
 
 se = importlib.import_module("elalora_kernels.triton.score_ema")  # the module (the package re-exports the function)
 
@@ -160,11 +160,8 @@ def check_adapter(n, d_in, d_out, r, dtype, autocast=None):
     t["active"][1] = False  # a gap in the active mask
     exact = adapter_run(reference.adapter_linear, t, torch.float64)
     eager = adapter_run(reference.adapter_linear, t, compute)
-    os.environ["ELALORA_BACKEND"] = "triton"
-    try:
+    with elalora_kernels.use_backend("triton"):
         fast = adapter_run(elalora_kernels.adapter_linear, t, dtype, autocast)
-    finally:
-        os.environ.pop("ELALORA_BACKEND")
     tag = f"{str(dtype).replace('torch.', '')}{' + autocast ' + str(autocast).replace('torch.', '') if autocast else ''}"
     for k in exact:
         e_fast, e_eager = rel_err(fast[k], exact[k]), rel_err(eager[k], exact[k])
@@ -236,12 +233,9 @@ def time_adapter(n, d, r, dtype, autocast=None):
         return run
 
     tag = f"N={n} d={d} r={r} {str(dtype).replace('torch.', '')}{' autocast ' + str(autocast).replace('torch.', '') if autocast else ''}"
-    os.environ["ELALORA_BACKEND"] = "triton"
-    try:
+    with elalora_kernels.use_backend("triton"):
         ms_base, h_base = timed(base_fb)
         ms_ours, h_ours = timed(ours_fb)
-    finally:
-        os.environ.pop("ELALORA_BACKEND")
     row("adapter fwd+bwd", f"base linear alone {tag}", ms_base, h_base)
     row("adapter fwd+bwd", f"ElaLoRA (triton) {tag}", ms_ours, h_ours, x_base=ms_ours / ms_base,
         target="<= 1.15x base", met=ms_ours / ms_base <= 1.15)
@@ -390,8 +384,7 @@ def host_step_overhead(layers: int, dims, r: int, steps: int):
     """Host µs per RankAllocator.step() (no round) with a stub in place of the launch: Python + the plan's checks."""
     from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator
 
-    os.environ["ELALORA_BACKEND"] = "triton"
-    try:
+    with use_backend("triton"):
         modules = []
         for _ in range(layers):
             for out_f, in_f in dims:
@@ -415,8 +408,6 @@ def host_step_overhead(layers: int, dims, r: int, steps: int):
             alloc.step()
             times.append((time.perf_counter() - t0) * 1e6)
         grads_us = statistics.median(_time_us(lambda: [p.grad for p in alloc.params]) for _ in range(steps))
-    finally:
-        os.environ.pop("ELALORA_BACKEND")
     us = statistics.median(times)
     tag = f"{len(alloc.params)} tensors ({layers} layers x {len(dims)} matrices, r={r})"
     row("host", f"RankAllocator.step() host time, stub launcher, {tag}", None, host_us=us,

@@ -1,47 +1,78 @@
 """The one place that picks a backend for each op call.
 
-CUDA tensors go to Triton when it is installed, CPU tensors to the C++
-extension (the ``cpu`` backend falls back to vectorised torch by itself when
-the extension is missing). ``ELALORA_BACKEND=reference|cpu|triton`` forces one.
-Autocast is handled here, once, so every backend sees operands of one dtype.
+* ``cpu``: CPU tensors — the C++ extension where it pays, torch ops elsewhere;
+* ``triton``: CUDA tensors when Triton is installed;
+* ``torch``: other devices (CUDA without Triton, MPS, ...) — the same package's
+  torch-op versions (its adapter op and vectorised score+EMA are plain torch;
+  the C++ extension only ever runs on CPU tensors);
+* ``reference``: the eager oracle, never chosen by itself.
+
+``ELALORA_BACKEND=<name>`` forces one for the process (read once, at import);
+:func:`set_backend` / :func:`use_backend` change it at run time. Autocast is
+handled here, once, so every backend sees operands of one dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "torch", "triton")
 ENV_VAR = "ELALORA_BACKEND"
+_PACKAGE_OF = {"reference": "reference", "cpu": "cpu", "torch": "cpu", "triton": "triton"}
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{name!r} is not a backend; expected one of {BACKENDS}")
+    return name
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_forced: str | None = _checked(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
 # Loaded backends. Those this machine uses load now, so that torch.compile finds
 # them in this dict and traces the op instead of breaking the graph on an import
-# (Triton only where CUDA is: importing it costs time on CPU-only machines).
-_EAGER = ("reference", "cpu") + (("triton",) if _TRITON_INSTALLED and torch.cuda.is_available() else ())
+# (Triton only where CUDA is, or when forced: importing it costs time).
+_EAGER = ("reference", "cpu") + (
+    ("triton",) if _TRITON_INSTALLED and (torch.cuda.is_available() or _forced == "triton") else ()
+)
 _LOADED: dict[str, ModuleType] = {name: importlib.import_module(f"elalora_kernels.{name}") for name in _EAGER}
+
+
+def set_backend(name: str | None) -> None:
+    """Force backend ``name`` for every op, or ``None`` to choose by device again."""
+    global _forced
+    _forced = None if name is None else _checked(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """``set_backend(name)`` for the duration of a ``with`` block."""
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def backend_for(device: torch.device) -> str:
     """Name of the backend that ops on tensors of ``device`` run on."""
-    forced = os.environ.get(ENV_VAR)
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; expected one of {BACKENDS}")
-        return forced
-    if device.type == "cuda" and _TRITON_INSTALLED:
-        return "triton"
-    return "cpu"
+    if _forced is not None:
+        return _forced
+    if device.type == "cpu":
+        return "cpu"
+    return "triton" if device.type == "cuda" and _TRITON_INSTALLED else "torch"
 
 
 def _module(device: torch.device) -> ModuleType:
-    name = backend_for(device)
-    if name not in _LOADED:  # Triton kernels import only when first needed
-        _LOADED[name] = importlib.import_module(f"elalora_kernels.{name}")
-    return _LOADED[name]
+    package = _PACKAGE_OF[backend_for(device)]
+    if package not in _LOADED:  # Triton kernels import only when first needed
+        _LOADED[package] = importlib.import_module(f"elalora_kernels.{package}")
+    return _LOADED[package]
 
 
 def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import elalora_kernels
-from elalora_kernels import dispatch, reference
+from elalora_kernels import reference
 
 BACKENDS = ["reference", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
 # name: (parameter dtype, autocast dtype or None); the compute dtype is the autocast one, else the parameters'
@@ -68,14 +68,14 @@ def _run(op, t, param_dtype, autocast_dtype, x_grad, dropout_p, r=9):
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x requires grad", "x frozen"])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_precision_matches_reference(monkeypatch, backend, precision, x_grad, dropout_p):
-    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+def test_mixed_precision_matches_reference(backend, precision, x_grad, dropout_p):
     param_dtype, autocast_dtype = PRECISIONS[precision]
     compute = autocast_dtype or param_dtype
     t = _inputs()
     exact = _run(reference.adapter_linear, t, torch.float64, None, x_grad, dropout_p)
     eager = _run(reference.adapter_linear, t, compute, None, x_grad, dropout_p)
-    ours = _run(elalora_kernels.adapter_linear, t, param_dtype, autocast_dtype, x_grad, dropout_p)
+    with elalora_kernels.use_backend(backend):
+        ours = _run(elalora_kernels.adapter_linear, t, param_dtype, autocast_dtype, x_grad, dropout_p)
 
     assert ours["y"].dtype == compute, "the output is in the compute dtype, as nn.Linear's under autocast"
     for name in ("dP", "dlam", "dQ", "dx"):

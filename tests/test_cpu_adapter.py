@@ -198,8 +198,8 @@ def test_autocast_bfloat16():
     _assert_within_eager_error(ours, eager, exact, torch.bfloat16)
 
 
-def test_layer_uses_the_fused_op(monkeypatch):
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+@dispatch.use_backend(None)  # the default choice, whatever ELALORA_BACKEND says
+def test_layer_uses_the_fused_op():
     layer = ElaLoRALinear(16, 12, r=3, r_max=6)
     with torch.no_grad():
         layer.lora_lam.normal_()
@@ -208,24 +208,23 @@ def test_layer_uses_the_fused_op(monkeypatch):
     assert type(y.grad_fn).__name__ == "AdapterLinearFunctionBackward"
     y.sum().backward()
     assert layer.lora_P.grad[:, 3:].abs().sum() == 0  # slots beyond the active rank
-    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
-    y_ref = layer(x)
+    with dispatch.use_backend("reference"):
+        y_ref = layer(x)
     assert type(y_ref.grad_fn).__name__ != "AdapterLinearFunctionBackward"
     torch.testing.assert_close(y, y_ref)
 
 
 @pytest.mark.parametrize("forced", ["reference", "cpu"])
-def test_forcing_the_backend(monkeypatch, forced):
-    monkeypatch.setenv(dispatch.ENV_VAR, forced)
-    assert dispatch.backend_for(torch.device("cpu")) == forced
+def test_forcing_the_backend(forced):
     inputs, _ = _inputs((3,), 8, 6, 2, [1, 1])
     x = _cast(inputs, torch.float32)
-    y = elalora_kernels.adapter_linear(x["x"], x["weight"], x["bias"], x["P"], x["lam"], x["Q"], x["active"], 2.0)
+    with dispatch.use_backend(forced):
+        assert dispatch.backend_for(torch.device("cpu")) == forced
+        y = elalora_kernels.adapter_linear(x["x"], x["weight"], x["bias"], x["P"], x["lam"], x["Q"], x["active"], 2.0)
     fused = type(y.grad_fn).__name__ == "AdapterLinearFunctionBackward"
     assert fused == (forced == "cpu")
-    monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="not a backend"):
-        elalora_kernels.adapter_linear(x["x"], x["weight"], x["bias"], x["P"], x["lam"], x["Q"], x["active"], 2.0)
+        dispatch.set_backend("nonsense")
 
 
 def test_traces_under_torch_compile():

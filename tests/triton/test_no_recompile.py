@@ -13,7 +13,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from elalora import ElaLoRALinear
-from elalora_kernels import dispatch
+from elalora_kernels import use_backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,8 @@ def test_rank_and_batch_changes_compile_each_kernel_once():
     assert counts == {"_fwd_kernel": 1, "_bwd_dx_kernel": 1, "_tn_kernel": 2}
 
 
-def test_compiled_layer_traces_triton_ops_without_graph_breaks_or_recompiles(device, monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+@use_backend("triton")
+def test_compiled_layer_traces_triton_ops_without_graph_breaks_or_recompiles(device):
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = ElaLoRALinear(24, 20, r=3, r_max=6).to(device)

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import _reliability_util as U  # noqa: E402
 from elalora import RankAllocator  # noqa: E402
-from elalora_kernels import ScoreEmaPlan, dispatch  # noqa: E402
+from elalora_kernels import ScoreEmaPlan, use_backend  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy on inf/nan (interpreter)
 
@@ -43,19 +43,19 @@ def _set_grads(alloc, seed, bad=False):
         alloc.params[0].grad.view(-1)[:3] = float("nan")
 
 
-def test_plan_matches_reference_and_builds_tables_once(device, monkeypatch):
+def test_plan_matches_reference_and_builds_tables_once(device):
     fast, ref = _allocator(device), _allocator(device)
     for step in range(4):
         for backend, alloc in (("triton", fast), ("reference", ref)):
-            monkeypatch.setenv(dispatch.ENV_VAR, backend)
             _set_grads(alloc, step)
-            assert alloc.step().nonfinite == 0
+            with use_backend(backend):
+                assert alloc.step().nonfinite == 0
     assert torch.equal(fast.ema_ipt, ref.ema_ipt) and torch.equal(fast.ema_unc, ref.ema_unc)
     assert fast._score_plan.rebuilds == 1
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     for p in fast.params:
         p.grad = p.grad.clone()  # new storage: the tables follow it
-    fast.step()
+    with use_backend("triton"):
+        fast.step()
     assert fast._score_plan.rebuilds == 2
 
 
@@ -69,8 +69,8 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_steady_state_step_runs_no_torch_op_besides_the_launch(device, monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+@use_backend("triton")
+def test_steady_state_step_runs_no_torch_op_besides_the_launch(device):
     launches = []
     alloc = _allocator(device)
     grads = [torch.randn_like(p) for p in alloc.params]
@@ -83,8 +83,8 @@ def test_steady_state_step_runs_no_torch_op_besides_the_launch(device, monkeypat
     assert len(launches) == 4 * len(plan._device_plan._plans) and plan.rebuilds == 1
 
 
-def test_nonfinite_count_waits_on_the_device_until_read(device, monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+@use_backend("triton")
+def test_nonfinite_count_waits_on_the_device_until_read(device):
     alloc = _allocator(device)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no per-step warning: it would need the count
