@@ -188,3 +188,36 @@ def test_adapter_saved_from_shards_loads_sharded_and_unsharded(runs):
             assert torch.equal(getattr(layer, attr).detach()[active], expected)
             assert torch.equal(loaded_sharded[f"{name}.{attr}"][active], expected)
             assert torch.equal(loaded_sharded[f"{name}.{attr}"], getattr(layer, attr).detach())  # zeros beyond r
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("first block only", "6 of 12 adapter parameters are FSDP2 shards"),
+        ("on dim 1", r"must be sharded on dim 0 \(found \['\(Shard\(dim=0\),\)', '\(Shard\(dim=1\),\)'\]\)"),
+    ],
+)
+def test_allocator_rejects_shardings_it_cannot_follow(one_process_group, how, message):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from elalora import RankAllocator, fsdp
+
+    model, _ = U.build(U.small_config())
+    if how == "first block only":
+        fully_shard(model.b0)
+    else:
+        for block in (model.b0, model.b1):
+            fully_shard(block, shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else None)
+    before = {name: fsdp.full(t).clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        RankAllocator(model, U.small_config())
+    after = {name: fsdp.full(t) for name, t in model.state_dict().items()}
+    assert all(torch.equal(before[name], after[name]) for name in before)
