@@ -408,11 +408,27 @@ def host_step_overhead(layers: int, dims, r: int, steps: int):
             alloc.step()
             times.append((time.perf_counter() - t0) * 1e6)
         grads_us = statistics.median(_time_us(lambda: [p.grad for p in alloc.params]) for _ in range(steps))
+        # the score+EMA call alone: the launch plan against the per-call path (grouping, cache key, .item())
+        weights, grads = alloc.params, [p.grad for p in alloc.params]
+        plan = se.LaunchPlan(alloc._ipt_views, alloc._unc_views, launcher=lambda *a: None)
+        plan.update(weights, grads, 0.85, 0.85)
+        plan_us = statistics.median(_time_us(lambda: plan.update(weights, grads, 0.85, 0.85)) for _ in range(steps))
+        real_launch, se.launch = se.launch, (lambda *a: None)
+        try:
+            percall_us = statistics.median(
+                _time_us(lambda: se.score_ema_update(weights, grads, alloc._ipt_views, alloc._unc_views, 0.85, 0.85))
+                for _ in range(max(3, steps // 30))
+            )
+        finally:
+            se.launch = real_launch
     us = statistics.median(times)
     tag = f"{len(alloc.params)} tensors ({layers} layers x {len(dims)} matrices, r={r})"
     row("host", f"RankAllocator.step() host time, stub launcher, {tag}", None, host_us=us,
         target="<= 100 µs", met=us <= 100, rebuilds=alloc._score_plan.rebuilds)
     row("host", f"floor: reading the {len(alloc.params)} .grad attributes alone", None, host_us=grads_us)
+    row("host", "score+EMA call alone: launch plan (LaunchPlan.update), stub launch", None, host_us=plan_us)
+    row("host", "score+EMA call alone: per-call path (score_ema_update: grouping, cache key, .item()), stub launch",
+        None, host_us=percall_us)
     print(f"  host time per allocator.step(): median {us:.0f} µs over {steps} steps "
           f"(reading the grads alone: {grads_us:.0f} µs); table builds: {alloc._score_plan.rebuilds}")
 
