@@ -250,6 +250,13 @@ def orth_penalty(layers: Sequence, coeff: float) -> Tensor:
     ``‖QQᵀ − I‖`` needs all of Q's active rows: one all-gather per call carries
     every layer's r×r partial Gram matrix and Q shard.
     """
+    sharded = sum(is_sharded(layer.lora_P) for layer in layers)
+    if sharded != len(layers):
+        raise RuntimeError(
+            f"orth_penalty: {sharded} of {len(layers)} adapters are sharded right now and the others are not "
+            "(an FSDP2 module that keeps its parameters unsharded after forward, such as the root, holds them); "
+            "fully_shard each block that holds adapters"
+        )
     mesh = layers[0].lora_P.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     pieces = []

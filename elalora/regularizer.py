@@ -34,7 +34,7 @@ def orth_penalty(source: Union[nn.Module, Sequence[ElaLoRALinear]], coeff: float
         raise ValueError(f"orth_penalty: coeff must be a finite number >= 0 (got {coeff!r})")
     if not layers:
         raise ValueError("orth_penalty: no ElaLoRALinear layers found")
-    if fsdp.is_sharded(layers[0].lora_P):
+    if any(fsdp.is_sharded(layer.lora_P) for layer in layers):
         return fsdp.orth_penalty(layers, coeff)
     return elalora_kernels.orth_penalty(
         [layer.lora_P for layer in layers],

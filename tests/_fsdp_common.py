@@ -1,6 +1,6 @@
 """Shared pieces of the FSDP2 tests: a tiny random-initialised BERT with ElaLoRA, its
-data and the training loop, used alike by the sharded workers (_fsdp_worker.py) and
-by the single-process reference run in test_reliability_fsdp.py.
+data and the training loop, used alike by the sharded processes and by the
+single-process reference run (both in _fsdp_worker.py).
 """
 from __future__ import annotations
 

@@ -154,3 +154,17 @@ def test_allocator_rejects_shardings_it_cannot_follow(one_process_group, how, me
         RankAllocator(model, U.small_config())
     after = {name: fsdp.full(t) for name, t in model.state_dict().items()}
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_orth_penalty_rejects_adapters_left_unsharded_by_the_root(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    from elalora import RankAllocator
+
+    model, _ = U.build(U.small_config())
+    fully_shard(model.b0)
+    fully_shard(model)  # the root keeps b1's adapters unsharded after its forward
+    allocator = RankAllocator(model, U.small_config())
+    model(torch.randn(4, U.IN))
+    with pytest.raises(RuntimeError, match="2 of 4 adapters are sharded right now"):
+        allocator.orth_penalty()
