@@ -105,11 +105,14 @@ def _calling_trainer() -> tuple[Optional[Trainer], dict]:
     ``on_train_begin``, whose locals hold ``resume_from_checkpoint``).
     """
     frame = inspect.currentframe()
-    while frame is not None:
-        if isinstance(frame.f_locals.get("self"), Trainer):
-            return frame.f_locals["self"], frame.f_locals
-        frame = frame.f_back
-    return None, {}
+    try:
+        while frame is not None:
+            if isinstance(frame.f_locals.get("self"), Trainer):
+                return frame.f_locals["self"], frame.f_locals
+            frame = frame.f_back
+        return None, {}
+    finally:
+        del frame  # a frame held in a local would keep every frame above it alive
 
 
 class ElaLoRACallback(TrainerCallback):

@@ -1,6 +1,6 @@
 """Adapter-only checkpoints, the Hugging Face way: ``save_pretrained`` / ``from_pretrained``.
 
-    elalora.save_pretrained(model, "my-adapter")                # a few MB: no base weights
+    elalora.save_pretrained(model, "my-adapter")                # no base weights (MiniLM-L6, r=8: 1.4 MB of 94)
     base = AutoModelForSequenceClassification.from_pretrained(name)
     model = elalora.from_pretrained(base, "my-adapter")         # same logits as `model` had
 
