@@ -19,6 +19,7 @@ import torch
 import elalora_kernels
 from elalora_kernels import reference
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton: the interpreter on CPU
 BACKENDS = ["reference", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
 # name: (parameter dtype, autocast dtype or None); the compute dtype is the autocast one, else the parameters'
 PRECISIONS = {
@@ -45,7 +46,7 @@ def _inputs(seed=0):
     }
     t["active"] = torch.ones(12, dtype=torch.bool)
     t["active"][4] = False
-    return t
+    return {k: v.to(DEVICE) for k, v in t.items()}
 
 
 def _run(op, t, param_dtype, autocast_dtype, x_grad, dropout_p, r=9):
@@ -53,7 +54,7 @@ def _run(op, t, param_dtype, autocast_dtype, x_grad, dropout_p, r=9):
     x = t["x"].to(param_dtype).clone().requires_grad_(x_grad)  # clone: .to(float64) would alias the case
     P, lam, Q = (t[k].to(param_dtype).clone().requires_grad_() for k in ("P", "lam", "Q"))
     W, b = t["W"].to(param_dtype), t["b"].to(param_dtype)
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    ctx = torch.autocast(DEVICE.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     torch.manual_seed(7)  # one dropout mask for every run
     with ctx:
         y = op(x, W, b, P[:, :r], lam[:r], Q[:r], t["active"][:r], SCALE, dropout_p)
