@@ -10,8 +10,10 @@ One program updates ``BLOCK`` consecutive elements of one tensor: one read of
 w, g, Ī, Ū and one write of Ī, Ū per element. Both tables are cached: the block
 table per tuple of sizes, the pointer table per tuple of addresses (rebuilt
 only when an address changes, e.g. when grads are re-allocated after
-``zero_grad(set_to_none=True)``). When every address is 16-byte aligned the
-kernel is told so, and the compiler emits 16-byte vector loads.
+``zero_grad(set_to_none=True)``). The allocator's per-step update goes through
+:class:`LaunchPlan` instead, which owns its tables and skips that per-call work.
+When every address is 16-byte aligned the kernel is told so, and the compiler
+emits 16-byte vector loads.
 
 Arithmetic is float32 in the reference's order, ``β·Ī + (1−β)·ipt``, with the
 scalars rounded to float32 as torch rounds them, and FMA contraction disabled
