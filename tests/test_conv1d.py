@@ -69,3 +69,25 @@ def test_merge_writes_the_transposed_delta_into_the_conv1d_weight():
     torch.testing.assert_close(conv(x), expected, **TOL[torch.float32])  # the plain Conv1D now computes it
     layer.unmerge()
     torch.testing.assert_close(conv.weight, w0, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("in_f, out_f, r", [(7, 33, 3), (16, 1, 2)])
+def test_triton_kernel_takes_the_transposed_conv1d_weight(in_f, out_f, r):
+    """On a GPU the layer hands the Triton kernels ``weight.t()``, a non-contiguous view (here: interpreter)."""
+    triton_backend = pytest.importorskip("elalora_kernels.triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, layer = wrapped(in_f, out_f, r, torch.float32)
+    layer.to(device)
+    with torch.no_grad():
+        layer.lora_lam.normal_()
+    x = torch.randn(5, in_f, device=device)
+    g = torch.randn(5, out_f, device=device)
+    results = []
+    for backend in (reference, triton_backend):
+        params = [t.detach().clone().requires_grad_() for t in (layer.lora_P, layer.lora_lam, layer.lora_Q)]
+        xi = x.clone().requires_grad_()
+        y = backend.adapter_linear(xi, layer.base_weight, layer.bias, params[0][:, :r], params[1][:r],
+                                   params[2][:r], layer.active[:r], layer.scale, 0.0)
+        results.append([y, *torch.autograd.grad(y, [xi, *params], g)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
