@@ -135,7 +135,8 @@ class RankAllocator:
                     f"(first: {missing[:3]}); pass the optimizer that trains this model's adapters"
                 )
         # Under FSDP2 every process scores and keeps EMAs for its own shards only.
-        self._shards = fsdp.AdapterShards(self.layers, self.params) if fsdp.is_sharded(self.params[0]) else None
+        sharded = any(fsdp.is_sharded(p) for p in self.params)
+        self._shards = fsdp.AdapterShards(self.layers, self.params) if sharded else None
         shards = [fsdp.local(p) for p in self.params]
         offsets = _aligned_offsets(shards)
         total = offsets[-1]
@@ -195,6 +196,11 @@ class RankAllocator:
 
     @torch.no_grad()
     def _round(self, t: int, b: int) -> RoundRecord:
+        if any(p is not q for p, q in zip(self.params, (q for layer in self.layers for q in _slot_params(layer)))):
+            raise RuntimeError(
+                "RankAllocator: the model's adapter parameters were replaced after the allocator was built "
+                "(fully_shard does that): build the optimizer and the allocator after fully_shard"
+            )
         table = self.rank_scores().tolist()  # the round's one host sync
         ranks = [layer.active_rank for layer in self.layers]
         plan = plan_round(table, ranks, self.r_max, self.config.k, b)

@@ -168,3 +168,18 @@ def test_orth_penalty_rejects_adapters_left_unsharded_by_the_root(one_process_gr
     model(torch.randn(4, U.IN))
     with pytest.raises(RuntimeError, match="2 of 4 adapters are sharded right now"):
         allocator.orth_penalty()
+
+
+def test_allocator_built_before_fully_shard_fails_at_its_first_round(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    from elalora import RankAllocator
+
+    model, _ = U.build(U.small_config())
+    allocator = RankAllocator(model, U.small_config())
+    for block in (model.b0, model.b1, model):
+        fully_shard(block)  # replaces every parameter by a sharded one
+    with pytest.raises(RuntimeError, match="build the optimizer and the allocator after fully_shard"):
+        for _ in range(U.small_config().total_steps):
+            allocator.step()
+    assert allocator.history == []
