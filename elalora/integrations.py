@@ -52,8 +52,8 @@ What the callback does, and where:
   adapter-only files of ``elalora.save_pretrained`` (``adapter_config.json``,
   ``adapter_model.safetensors``) and the allocator state (``allocator.json`` +
   ``allocator.safetensors``, no pickle): ``on_save`` writes them into the
-  checkpoint, and the model's ``save_pretrained`` is wrapped to write them
-  beside the full weights the Trainer saves. ``elalora.from_pretrained(base,
+  checkpoint, and the Trainer's ``save_model`` is wrapped to write them beside
+  the full weights it saves. ``elalora.from_pretrained(base,
   dir)`` loads them onto a fresh base model.
 * Gradient checkpointing with a frozen embedding: the embedding output is made
   to require grad (``enable_input_require_grads``, as PEFT does).
@@ -185,7 +185,8 @@ class ElaLoRACallback(TrainerCallback):
             self._hook = model.register_forward_hook(self._add_penalty, with_kwargs=True)
         keep_inputs_differentiable(model)
         self._model = model
-        self._save_adapter_with_model(model)
+        if trainer is not None:
+            self._save_adapter_with_model(trainer)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.allocator is None:
@@ -255,24 +256,25 @@ class ElaLoRACallback(TrainerCallback):
         if layers and not any(layer.merged for _, layer in layers):
             save_pretrained(self._model, directory, allocator=self.allocator)
 
-    def _save_adapter_with_model(self, model: nn.Module) -> None:
-        """Make ``model.save_pretrained`` (what ``trainer.save_model`` calls) also write the adapter files."""
-        original = getattr(model, "save_pretrained", None)
-        if original is None:
-            return
+    def _save_adapter_with_model(self, trainer: Trainer) -> None:
+        """Make ``trainer.save_model(dir)`` also write the adapter files (checkpoints get them from ``on_save``).
+
+        The Trainer is wrapped rather than the model: a wrapped bound method on the
+        model would follow it into copies and pickles.
+        """
+        original = trainer.save_model
         if hasattr(original, "elalora_callback"):  # wrapped for an earlier run: this callback takes over
             original.elalora_callback = self
             return
 
         @functools.wraps(original)
-        def save_with_adapter(save_directory, *args, is_main_process: bool = True, **kwargs):
-            result = original(save_directory, *args, is_main_process=is_main_process, **kwargs)
-            if is_main_process:
-                save_with_adapter.elalora_callback._write_adapter(save_directory)
-            return result
+        def save_model(output_dir=None, _internal_call: bool = False):
+            original(output_dir, _internal_call)
+            if not _internal_call and trainer.args.should_save:
+                save_model.elalora_callback._write_adapter(output_dir or trainer.args.output_dir)
 
-        save_with_adapter.elalora_callback = self
-        model.save_pretrained = save_with_adapter
+        save_model.elalora_callback = self
+        trainer.save_model = save_model
 
     # --------------------------------------------------------- the penalty
     def _add_penalty(self, module, args, kwargs, output):
