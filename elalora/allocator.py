@@ -289,7 +289,25 @@ class RankAllocator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state saved from the same model and config; anything else is rejected."""
+        """Restore a state saved from the same model and config; anything else is rejected, changing nothing."""
+        self.check_state_dict(state)
+        offsets = _aligned_offsets(self.params)
+        if self._shards is None:
+            self.ema_ipt.copy_(state["ema_ipt"])
+            self.ema_unc.copy_(state["ema_unc"])
+        else:
+            self._shards.load_emas(state["ema_ipt"], self._ipt_views, self.params, offsets)
+            self._shards.load_emas(state["ema_unc"], self._unc_views, self.params, offsets)
+        self.generator.set_state(state["generator"])
+        self.history = [RoundRecord(**r) for r in state["history"]]
+        self.t = int(state["t"])
+
+    def check_state_dict(self, state: dict, ranks: Optional[list[int]] = None) -> None:
+        """Raise ``ValueError`` unless ``load_state_dict(state)`` would succeed.
+
+        ``ranks`` are the active ranks the model will have when the state is
+        loaded (default: the model's now), for a caller about to load both.
+        """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"RankAllocator.load_state_dict: not an allocator state of version {STATE_VERSION}")
         missing = [k for k in ("t", "config", "layers", "ema_ipt", "ema_unc", "generator", "history", "ranks") if k not in state]
@@ -310,22 +328,18 @@ class RankAllocator:
             src = state[key]
             if not (isinstance(src, Tensor) and src.shape == (offsets[-1],) and src.dtype == torch.float32):
                 raise ValueError(f"RankAllocator.load_state_dict: {key} must be float32 of shape {(offsets[-1],)}")
-        ranks = [layer.active_rank for layer in self.layers]
-        if list(state["ranks"]) != ranks:
+        try:
+            torch.Generator().set_state(state["generator"])
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"RankAllocator.load_state_dict: the generator state is invalid: {err}") from None
+        if ranks is None:
+            ranks = [layer.active_rank for layer in self.layers]
+        if list(state["ranks"]) != list(ranks):
             raise ValueError(
                 "RankAllocator.load_state_dict: the model's active ranks differ from the saved ones "
-                f"(saved {list(state['ranks'])}, model {ranks}); load the model's state_dict, "
+                f"(saved {list(state['ranks'])}, model {list(ranks)}); load the model's state_dict, "
                 "which holds the `active` masks, before the allocator's"
             )
-        if self._shards is None:
-            self.ema_ipt.copy_(state["ema_ipt"])
-            self.ema_unc.copy_(state["ema_unc"])
-        else:
-            self._shards.load_emas(state["ema_ipt"], self._ipt_views, self.params, offsets)
-            self._shards.load_emas(state["ema_unc"], self._unc_views, self.params, offsets)
-        self.generator.set_state(state["generator"])
-        self.history = [RoundRecord(**r) for r in state["history"]]
-        self.t = int(state["t"])
 
 
 _GRAD = operator.attrgetter("grad")

@@ -26,11 +26,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-# Never reach the network: the model and tokenizer are local files.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 DATA_NAME = "movieReviewSnippets_GroundTruth.txt"
 DATA_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
 SIX_MODULES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -122,6 +117,7 @@ def encode(examples, tokenizer=None, max_length: int = MAX_LENGTH) -> Encoded:
 
 
 def load_tokenizer():
+    # local_files_only (here and in load_model): the files are installed, the network is never asked
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path(), local_files_only=True)
@@ -290,8 +286,9 @@ def run_demo(
     ``steps`` (if given) overrides ``epochs``: training takes that many
     optimizer steps, cycling through the shuffled training set.
     """
-    from . import io as elalora_io
+    from ._files import write_json_atomic
     from .allocator import RankAllocator
+    from .io import save_adapter
     from .model import inject, modules_to_save_names
 
     wall = time.perf_counter()
@@ -347,7 +344,7 @@ def run_demo(
         print_fn("  round at " + line)
     print_fn(format_rank_pattern(pattern))
 
-    from .viz import run_record
+    from .run_records import run_record
 
     record = run_record(
         allocator,
@@ -372,8 +369,8 @@ def run_demo(
         },
     )
     record["wall_seconds"] = round(time.perf_counter() - wall, 2)
-    elalora_io.write_json_atomic(out_dir / "run.json", record)
-    elalora_io.save_adapter(model, out_dir / "adapter", allocator=allocator)
+    write_json_atomic(out_dir / "run.json", record)
+    save_adapter(model, out_dir / "adapter", allocator=allocator)
     if plots:
         from .viz import plot_run
 

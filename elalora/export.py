@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .io import write_json_atomic, write_safetensors_atomic
+from ._files import write_json_atomic, write_safetensors_atomic
 from .model import adapter_layers
 
 

@@ -71,9 +71,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ._files import write_json_atomic
 from .allocator import RankAllocator
+from .allocator_files import has_allocator_state, load_allocator_state
 from .config import ElaLoRAConfig
-from .io import ALLOC_JSON, load_allocator_state, write_json_atomic
 from .model import adapter_layers, keep_inputs_differentiable
 from .pretrained import save_pretrained
 
@@ -170,7 +171,7 @@ class ElaLoRACallback(TrainerCallback):
         if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
             resumed = trainer_locals.get("resume_from_checkpoint")
             ckpt = Path(resumed if isinstance(resumed, (str, os.PathLike)) else self._checkpoint_dir(args, state))
-            if (ckpt / ALLOC_JSON).is_file():
+            if has_allocator_state(ckpt):
                 load_allocator_state(self.allocator, ckpt)
                 logger.info("elalora: resumed allocator state from %s (step %d)", ckpt, self.allocator.t)
             else:
@@ -235,7 +236,7 @@ class ElaLoRACallback(TrainerCallback):
             self._hook = None
         if self.allocator is None:
             return
-        from .viz import run_record
+        from .run_records import run_record
 
         self.record = run_record(self.allocator, initial_ranks=self._initial,
                                  extra={"global_step": state.global_step})

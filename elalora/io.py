@@ -1,20 +1,21 @@
-"""Save and load ElaLoRA adapters: safetensors for tensors, JSON for everything else.
+"""The adapter format: ``save_adapter`` / ``load_adapter``, safetensors for tensors, JSON for the rest.
 
 A saved adapter is a directory::
 
-    adapter_config.json        format, version, the ElaLoRAConfig (when known), per-layer
-                               active rank / r_max / shapes / scale / dtype, extra tensor names,
-                               and the SHA-256 of adapter_model.safetensors
+    adapter_config.json        format, version, save_id, the ElaLoRAConfig (when known), per-layer
+                               active rank / r_max / shapes / scale / dtype, extra tensor names
     adapter_model.safetensors  "<layer>.lora_P" [out, rank], "<layer>.lora_lam" [rank],
                                "<layer>.lora_Q" [rank, in] — active slots only — and
-                               "extra.<param>" for other trainable parameters (e.g. a head)
-    allocator.json             (optional) step, config, layer names, round history, ranks
-    allocator.safetensors      (optional) the two float32 EMA buffers and the generator state (uint8)
+                               "extra.<param>" for other trainable parameters (e.g. a head);
+                               its metadata holds the same save_id
+    allocator.json,            (optional) the allocator state, for resuming
+    allocator.safetensors      (see ``elalora.allocator_files``), with the same save_id
 
 Nothing is ever unpickled: tensors come from safetensors, the rest from JSON.
-Every file is written to a temporary file in the same directory and renamed
-into place; the JSON files name the SHA-256 of their safetensors partner, so a
-directory holding files of two different saves is detected on load.
+Every file is written whole or not at all; every file of one save records the
+save's random ``save_id``, so a directory holding files of two different saves
+is detected on load. Version 1 saves (no save_id: the JSON files named the
+SHA-256 of their safetensors partner) still load.
 
 ``load_adapter`` checks every key, shape and dtype against the model (and the
 allocator, when given) before it changes anything: on any mismatch it raises
@@ -25,76 +26,31 @@ re-initialised by the allocator).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from . import fsdp
+from ._files import new_save_id, read_safetensors, same_save, write_json_atomic, write_safetensors_atomic
+from .allocator_files import read_allocator_state, remove_allocator_state, write_allocator_state
 from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear
 from .model import adapter_layers, inject, out_in_features, target_names
 
 FORMAT = "elalora-adapter"
-VERSION = 1
+VERSION = 2  # 2: files paired by save_id; 1: by the SHA-256 of the safetensors file
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-ALLOC_JSON = "allocator.json"
-ALLOC_TENSORS = "allocator.safetensors"
 SLOT_TENSORS = ("lora_P", "lora_lam", "lora_Q")
 
 
 class AdapterLoadError(ValueError):
     """A saved adapter does not fit the model (or allocator) it is loaded into."""
-
-
-# ------------------------------------------------------------ atomic files
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-
-    _atomic_write(Path(path), write)
-
-
-def write_safetensors_atomic(path: str | Path, tensors: dict, metadata: Optional[dict] = None) -> str:
-    """Write tensors via a temporary file and a rename; returns the file's SHA-256."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return _sha256(path)
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -160,22 +116,21 @@ def save_adapter(
     alloc_state = allocator.state_dict() if allocator is not None else None  # a collective under FSDP2
     if not fsdp.is_writer(layers[0][1].lora_P):
         return directory
-    digest = write_safetensors_atomic(directory / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+    save_id = new_save_id()
+    write_safetensors_atomic(directory / WEIGHTS_NAME, tensors, metadata={"format": FORMAT, "save_id": save_id})
     if alloc_state is not None:
-        _save_allocator(alloc_state, directory)
-    else:  # a stale allocator state from an earlier save must not pair with these weights
-        for stale in (ALLOC_JSON, ALLOC_TENSORS):
-            if (directory / stale).exists():
-                (directory / stale).unlink()
+        write_allocator_state(alloc_state, directory, save_id)
+    else:
+        remove_allocator_state(directory)
     write_json_atomic(
         directory / CONFIG_NAME,
         {
             "format": FORMAT,
             "version": VERSION,
+            "save_id": save_id,
             "config": config.to_dict() if config is not None else None,
             "layers": meta_layers,
             "extra": extra,
-            "weights_sha256": digest,
             "rank_pattern": {name: meta["rank"] for name, meta in meta_layers.items()},
             "base_model": base_model,
         },
@@ -183,40 +138,21 @@ def save_adapter(
     return directory
 
 
-def _save_allocator(state: dict, directory: Path) -> None:
-    generator = state["generator"]
-    digest = write_safetensors_atomic(
-        directory / ALLOC_TENSORS,
-        {"ema_ipt": state["ema_ipt"], "ema_unc": state["ema_unc"], "generator": generator},
-        metadata={"format": FORMAT},
-    )
-    write_json_atomic(
-        directory / ALLOC_JSON,
-        {
-            "format": FORMAT + "/allocator",
-            "version": state["version"],
-            "t": state["t"],
-            "config": state["config"],
-            "layers": state["layers"],
-            "history": state["history"],
-            "ranks": state["ranks"],
-            "tensors_sha256": digest,
-        },
-    )
-
-
 # -------------------------------------------------------------------- load
 def read_adapter_config(directory: str | Path) -> dict:
+    """The checked contents of ``adapter_config.json`` (``AdapterLoadError`` if it is not one this elalora reads)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterLoadError(f"load_adapter: {path} not found (not an ElaLoRA adapter directory)")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterLoadError(f"load_adapter: {path} is not an ElaLoRA adapter config (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterLoadError(f"load_adapter: {path} is not an ElaLoRA adapter config (format {found!r})")
+    if meta.get("version") not in READABLE_VERSIONS:
         raise AdapterLoadError(
-            f"load_adapter: unsupported adapter version {meta.get('version')!r} (expected {VERSION})"
+            f"load_adapter: unsupported adapter version {meta.get('version')!r} (this elalora reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     return meta
 
@@ -241,12 +177,14 @@ def load_adapter(
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise AdapterLoadError(f"load_adapter: {weights_path} not found")
-    if _sha256(weights_path) != meta.get("weights_sha256"):
+    try:
+        tensors, tensors_meta = read_safetensors(weights_path)
+    except ValueError as err:
+        raise AdapterLoadError(f"load_adapter: {err}") from None
+    if not same_save(meta, tensors_meta, weights_path, legacy_sha256_key="weights_sha256"):
         raise AdapterLoadError(
-            f"load_adapter: {weights_path} does not match {CONFIG_NAME} (checksum differs): "
-            "the directory mixes files of different saves"
+            f"load_adapter: {WEIGHTS_NAME} and {CONFIG_NAME} in {directory} are files of different saves"
         )
-    tensors = load_file(str(weights_path))
     saved_layers: dict = meta["layers"]
 
     present = adapter_layers(model)
@@ -327,9 +265,14 @@ def load_adapter(
     if unexpected:
         raise AdapterLoadError(f"load_adapter: unexpected tensors in {WEIGHTS_NAME}: {unexpected[:5]}")
 
+    pattern = {name: info["rank"] for name, info in saved_layers.items()}
     alloc_state = None
     if allocator is not None:
-        alloc_state = _read_allocator_state(directory, allocator, list(saved_layers))
+        try:
+            alloc_state = read_allocator_state(directory, meta.get("save_id"))
+            allocator.check_state_dict(alloc_state, ranks=[pattern.get(n) for n in allocator.names])
+        except ValueError as err:
+            raise AdapterLoadError(f"load_adapter: {err}") from None
 
     # ---- every check passed: apply
     if to_inject is not None:
@@ -350,7 +293,7 @@ def load_adapter(
                 fsdp.copy_whole_into(params[pname], tensors[f"extra.{pname}"])
     if alloc_state is not None:
         allocator.load_state_dict(alloc_state)
-    return {name: info["rank"] for name, info in saved_layers.items()}
+    return pattern
 
 
 def _check_names(saved: list[str], model_names: list[str], what: str) -> None:
@@ -362,69 +305,3 @@ def _check_names(saved: list[str], model_names: list[str], what: str) -> None:
             f"in the save only: {missing[:5]}{' …' if len(missing) > 5 else ''}; "
             f"in the model only: {extra[:5]}{' …' if len(extra) > 5 else ''}"
         )
-
-
-def _read_allocator_state(directory: Path, allocator, saved_layers: list[str]) -> dict:
-    """Read and fully check an allocator state; returns it in ``RankAllocator.state_dict`` form."""
-    json_path, tensor_path = directory / ALLOC_JSON, directory / ALLOC_TENSORS
-    if not (json_path.is_file() and tensor_path.is_file()):
-        raise AdapterLoadError(f"load_adapter: an allocator was given but {directory} holds no allocator state")
-    with open(json_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if _sha256(tensor_path) != meta.get("tensors_sha256"):
-        raise AdapterLoadError(f"load_adapter: {tensor_path} does not match {ALLOC_JSON} (checksum differs)")
-    tensors = load_file(str(tensor_path))
-    if set(tensors) != {"ema_ipt", "ema_unc", "generator"}:
-        raise AdapterLoadError(
-            f"load_adapter: {ALLOC_TENSORS} holds {sorted(tensors)}, expected ema_ipt, ema_unc, generator"
-        )
-    state = allocator.state_dict()
-    if meta.get("version") != state["version"]:
-        raise AdapterLoadError(f"load_adapter: allocator state version {meta.get('version')} != {state['version']}")
-    if "ranks" not in meta:
-        raise AdapterLoadError(f"load_adapter: {ALLOC_JSON} has no 'ranks' (written by an older elalora)")
-    if meta["layers"] != allocator.names or meta["layers"] != saved_layers:
-        raise AdapterLoadError("load_adapter: the allocator state is for different layers than this allocator's")
-    diff = {k: (v, state["config"].get(k)) for k, v in meta["config"].items() if state["config"].get(k) != v}
-    if diff:
-        raise AdapterLoadError(f"load_adapter: allocator config differs (saved, current): {diff}")
-    for key in ("ema_ipt", "ema_unc"):
-        t = tensors[key]
-        if t.dtype != torch.float32 or t.shape != state[key].shape:
-            raise AdapterLoadError(
-                f"load_adapter: allocator {key} is {t.dtype} {tuple(t.shape)}, "
-                f"expected float32 {tuple(state[key].shape)}"
-            )
-    gen = tensors["generator"]
-    try:
-        torch.Generator().set_state(gen)
-    except (RuntimeError, TypeError) as err:
-        raise AdapterLoadError(f"load_adapter: allocator generator state is invalid: {err}") from None
-    return {
-        "version": meta["version"],
-        "t": meta["t"],
-        "config": meta["config"],
-        "layers": meta["layers"],
-        "ema_ipt": tensors["ema_ipt"].to(state["ema_ipt"].device),
-        "ema_unc": tensors["ema_unc"].to(state["ema_unc"].device),
-        "generator": gen,
-        "history": meta["history"],
-        "ranks": meta["ranks"],
-    }
-
-
-def load_allocator_state(allocator, directory: str | Path) -> None:
-    """Restore only the allocator state saved in ``directory`` (checked first, as in ``load_adapter``)."""
-    directory = Path(directory)
-    with open(directory / ALLOC_JSON, encoding="utf-8") as f:
-        layers = json.load(f)["layers"]
-    allocator.load_state_dict(_read_allocator_state(directory, allocator, layers))
-
-
-def save_allocator_state(allocator, directory: str | Path) -> None:
-    """Write only the allocator state (``allocator.json`` + ``allocator.safetensors``) to ``directory``."""
-    directory = Path(directory)
-    state = allocator.state_dict()  # a collective under FSDP2
-    if fsdp.is_writer(allocator.params[0]):
-        directory.mkdir(parents=True, exist_ok=True)
-        _save_allocator(state, directory)

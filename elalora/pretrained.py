@@ -51,7 +51,7 @@ def from_pretrained(base_model: nn.Module, directory: str | Path) -> nn.Module:
     Every check (architecture, layer names, shapes, file integrity) runs before
     the model is changed: on a mismatch ``AdapterLoadError`` is raised and the
     model is left as it was. To resume training, build the allocator on the
-    returned model and restore its state with ``elalora.io.load_allocator_state``.
+    returned model and restore its state with ``elalora.allocator_files.load_allocator_state``.
     """
     if adapter_layers(base_model):
         raise AdapterLoadError(

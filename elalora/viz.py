@@ -1,21 +1,18 @@
 """Rank plots (matplotlib, PNG): the final rank heatmap and the rank history over rounds.
 
-A *run record* is the JSON-able dict ``run_record(allocator)`` returns (the demo
-writes it as ``run.json``; the Trainer callback as ``elalora_run.json``)::
-
-    {"layers": [names], "initial_ranks": {name: r}, "rank_pattern": {name: r},
-     "history": [{"step", "budget", "pruned", "expanded", "passed_over", "ranks"}, ...], ...}
-
-``python -m elalora plot RUN_DIR`` draws both plots from a run record, or from a
-directory saved by ``elalora.io.save_adapter`` (with its allocator state).
+``python -m elalora plot RUN_DIR`` draws both from a run record (see
+``elalora.run_records``) or from a directory saved by ``elalora.save_adapter``.
+``rank_grid`` lays a rank pattern out as layers × module types, for the heatmap
+and for the demo's text table. matplotlib is imported only when plotting.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .run_records import load_run
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 # Order of module types in the heatmap rows (as in the paper's figures); others follow, sorted.
@@ -42,57 +39,19 @@ def split_name(name: str) -> tuple[str, str]:
     return m.group(1), name[m.end():]
 
 
+def _in_type_order(types) -> list[str]:
+    return [t for t in _TYPE_ORDER if t in types] + sorted(set(types) - set(_TYPE_ORDER))
+
+
 def rank_grid(pattern: dict[str, int]):
     """(layers, types, grid) with ``grid[i][j]`` the rank of layer i, type j (None where absent)."""
     cells: dict[tuple[str, str], int] = {}
     for name, rank in pattern.items():
         cells[split_name(name)] = rank
     layers = sorted({lay for lay, _ in cells}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-    types_present = {typ for _, typ in cells}
-    types = [t for t in _TYPE_ORDER if t in types_present] + sorted(types_present - set(_TYPE_ORDER))
+    types = _in_type_order({typ for _, typ in cells})
     grid = [[cells.get((lay, typ)) for typ in types] for lay in layers]
     return layers, types, grid
-
-
-def run_record(allocator, initial_ranks: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
-    """A JSON-able record of an allocator's run: layer names, ranks, round history (+ ``extra``)."""
-    history = [asdict(r) for r in allocator.history]
-    record = {
-        "layers": list(allocator.names),
-        "initial_ranks": dict(initial_ranks) if initial_ranks else {n: allocator.config.r for n in allocator.names},
-        "rank_pattern": allocator.rank_pattern(),
-        "total_rank": allocator.total_rank(),
-        "steps_done": allocator.t,
-        "config": allocator.config.to_dict(),
-        "history": history,
-    }
-    if extra:
-        record.update(extra)
-    return record
-
-
-def load_run(run_dir: str | Path) -> dict:
-    """A run record from ``run.json`` / ``elalora_run.json``, or from a saved adapter directory."""
-    run_dir = Path(run_dir)
-    for name in ("run.json", "elalora_run.json"):
-        if (run_dir / name).is_file():
-            with open(run_dir / name, encoding="utf-8") as f:
-                return json.load(f)
-    if (run_dir / "adapter_config.json").is_file():
-        with open(run_dir / "adapter_config.json", encoding="utf-8") as f:
-            meta = json.load(f)
-        pattern = meta.get("rank_pattern") or {n: v["rank"] for n, v in meta["layers"].items()}
-        record = {"layers": list(pattern), "rank_pattern": pattern, "history": []}
-        initial = {n: v.get("r_init") for n, v in meta.get("layers", {}).items()}
-        if all(isinstance(v, int) for v in initial.values()) and initial:
-            record["initial_ranks"] = initial
-        if (run_dir / "allocator.json").is_file():
-            with open(run_dir / "allocator.json", encoding="utf-8") as f:
-                record["history"] = json.load(f).get("history", [])
-        return record
-    if (run_dir / "adapter").is_dir():
-        return load_run(run_dir / "adapter")
-    raise FileNotFoundError(f"no run record (run.json, elalora_run.json) or adapter_config.json in {run_dir}")
 
 
 def _short(t: str) -> str:
@@ -166,7 +125,7 @@ def plot_rank_history(
         by_type: dict[str, list[int]] = {}
         for m, name in enumerate(layers):
             by_type.setdefault(split_name(name)[1], []).append(m)
-        order = [t for t in _TYPE_ORDER if t in by_type] + sorted(set(by_type) - set(_TYPE_ORDER))
+        order = _in_type_order(by_type)
         for t in order:
             top.step(steps, arr[:, by_type[t]].mean(1), where="post", marker="o", ms=3, label=_short(t))
         top.set_ylabel("mean rank")

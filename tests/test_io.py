@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import elalora
-from elalora import io as eio
+from elalora import _files
+from elalora.allocator_files import load_allocator_state
 from elalora.io import AdapterLoadError, load_adapter, save_adapter
+
+VERSION_1_SAVE = Path(__file__).parent / "data" / "adapter_v1"  # written by elalora before save ids
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
@@ -191,12 +197,11 @@ def _expect_untouched(model, directory, match, **kw):
 
 def _rewrite_weights(directory, edit):
     path = directory / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()  # keeps the save id: a consistent but wrong save
     tensors = load_file(str(path))
     edit(tensors)
-    save_file(tensors, str(path))
-    meta = json.loads((directory / "adapter_config.json").read_text())
-    meta["weights_sha256"] = eio._sha256(path)  # a consistent but wrong save
-    (directory / "adapter_config.json").write_text(json.dumps(meta))
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def test_mismatches_raise_and_leave_model_untouched(tmp_path):
@@ -235,7 +240,13 @@ def test_mismatches_raise_and_leave_model_untouched(tmp_path):
     other, _ = adapted(seed=4)
     save_adapter(other, tmp_path / "other", config=cfg)
     (tmp_path / "other" / "adapter_model.safetensors").replace(d / "adapter_model.safetensors")
-    _expect_untouched(fresh, d, "checksum")
+    _expect_untouched(fresh, d, "files of different saves")
+    # a damaged weights file
+    d = tmp_path / "truncated"
+    save_adapter(model, d, config=cfg)
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    _expect_untouched(fresh, d, "not a readable safetensors file")
 
     # rank out of range in the JSON
     d = tmp_path / "rank"
@@ -262,6 +273,65 @@ def test_allocator_mismatch_leaves_model_and_allocator_untouched(tmp_path):
     _expect_untouched(other, tmp_path / "noalloc", "no allocator state", allocator=elalora.RankAllocator(other, cfg))
 
 
+def test_allocator_files_of_another_save_are_detected(tmp_path):
+    model, cfg = adapted()
+    alloc = elalora.RankAllocator(model, cfg)
+    save_adapter(model, tmp_path / "a", allocator=alloc)
+    save_adapter(model, tmp_path / "b", allocator=alloc)  # the same contents, another save
+    other, _ = adapted(seed=2)
+    other_alloc = elalora.RankAllocator(other, cfg)
+    # both allocator files from the other save: they pair with each other, not with the adapter
+    for name in ("allocator.json", "allocator.safetensors"):
+        shutil.copy(tmp_path / "b" / name, tmp_path / "a" / name)
+    _expect_untouched(other, tmp_path / "a", "another save", allocator=other_alloc)
+    # one allocator file from a third save: the two do not pair
+    save_adapter(model, tmp_path / "c", allocator=alloc)
+    shutil.copy(tmp_path / "c" / "allocator.safetensors", tmp_path / "a" / "allocator.safetensors")
+    _expect_untouched(other, tmp_path / "a", "files of different saves", allocator=other_alloc)
+    with pytest.raises(ValueError, match="files of different saves"):
+        load_allocator_state(other_alloc, tmp_path / "a")
+    assert other_alloc.t == 0 and not other_alloc.ema_ipt.any()
+
+
+def test_invalid_allocator_state_changes_nothing(tmp_path):
+    model, cfg = adapted()
+    alloc = elalora.RankAllocator(model, cfg)
+    save_adapter(model, tmp_path, allocator=alloc)
+    path = tmp_path / "allocator.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["ema_ipt"] = torch.ones_like(tensors["ema_ipt"])
+    tensors["generator"] = torch.zeros(3, dtype=torch.uint8)
+    save_file(tensors, str(path), metadata=metadata)
+    other, _ = adapted(seed=2)
+    other_alloc = elalora.RankAllocator(other, cfg)
+    _expect_untouched(other, tmp_path, "generator state is invalid", allocator=other_alloc)
+    assert not other_alloc.ema_ipt.any()  # the EMAs were not copied before the generator was checked
+
+
+def test_version_1_save_still_loads(tmp_path):
+    """A directory written by elalora before save ids (files paired by SHA-256) loads as before."""
+    model, cfg = adapted()
+    fresh = Toy(seed=0)
+    elalora.inject(fresh, config(seed=7))
+    alloc = elalora.RankAllocator(fresh, cfg)
+    load_adapter(fresh, VERSION_1_SAVE, allocator=alloc)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+    n = alloc.ema_ipt.numel()
+    assert alloc.t == 5
+    assert torch.equal(alloc.ema_ipt, torch.arange(n, dtype=torch.float32) / 7)
+    assert torch.equal(alloc.ema_unc, torch.arange(n, dtype=torch.float32) / 11)
+
+    # its files are still paired: weights from another save are detected
+    mixed = tmp_path / "mixed"
+    shutil.copytree(VERSION_1_SAVE, mixed)
+    save_adapter(model, tmp_path / "new", config=cfg)
+    shutil.copy(tmp_path / "new" / "adapter_model.safetensors", mixed / "adapter_model.safetensors")
+    _expect_untouched(Toy(seed=0), mixed, "files of different saves")
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     model, cfg = adapted()
     save_adapter(model, tmp_path, config=cfg)
@@ -272,7 +342,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(eio, "save_file", broken)
+    monkeypatch.setattr(_files, "save_file", broken)
     other, _ = adapted(seed=9)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(other, tmp_path, config=cfg)

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 
 from elalora import viz  # noqa: E402
 from elalora.cli import main  # noqa: E402
+from elalora.run_records import load_run, run_record  # noqa: E402
 
 TYPES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense"]
@@ -76,4 +77,21 @@ def test_plot_from_saved_adapter_dir(tmp_path):
     save_adapter(model, tmp_path / "adapter", allocator=elalora.RankAllocator(model, cfg))
     written = viz.plot_run(tmp_path)  # finds adapter/ inside the run dir
     assert [p.name for p in written] == ["rank_heatmap.png", "rank_history.png"]
-    assert viz.load_run(tmp_path / "adapter")["rank_pattern"] == {n: 2 for n, _ in elalora.adapter_layers(model)}
+    record = load_run(tmp_path / "adapter")
+    assert record["rank_pattern"] == {n: 2 for n, _ in elalora.adapter_layers(model)}
+    assert record["initial_ranks"] == record["rank_pattern"] and record["history"] == []
+
+
+def test_run_record_round_trips_through_load_run(tmp_path):
+    import torch.nn as nn
+
+    import elalora
+
+    model = nn.Sequential()
+    model.add_module("layer", nn.ModuleList([nn.ModuleDict({"query": nn.Linear(6, 6)}) for _ in range(2)]))
+    cfg = elalora.ElaLoRAConfig(r=2, target_modules=("query",), total_steps=20, t_init=2, t_final=2, mask_interval=2)
+    elalora.inject(model, cfg)
+    rec = run_record(elalora.RankAllocator(model, cfg), extra={"seed": 3})
+    assert rec["initial_ranks"] == rec["rank_pattern"] == {"layer.0.query": 2, "layer.1.query": 2}
+    (tmp_path / "elalora_run.json").write_text(json.dumps(rec))
+    assert load_run(tmp_path) == rec
