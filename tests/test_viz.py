@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -60,6 +64,22 @@ def test_cli_plot_run_dir(tmp_path, capsys):
     assert (tmp_path / "rank_history.png").read_bytes().startswith(PNG)
     assert "rank_heatmap.png" in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.subprocess
+def test_plot_imports_no_demo_and_no_import_sets_offline_flags(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps(record()))
+    check = (
+        "import os, sys\n"
+        "from elalora.cli import main\n"
+        f"assert main(['plot', {str(tmp_path)!r}]) == 0\n"
+        "assert 'elalora.demo' not in sys.modules and 'transformers' not in sys.modules\n"
+        "import elalora.demo\n"
+        "assert not {'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'} & set(os.environ)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_plot_from_saved_adapter_dir(tmp_path):
