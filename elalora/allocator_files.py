@@ -29,7 +29,7 @@ def write_allocator_state(state: dict, directory: Path, save_id: str) -> None:
     write_safetensors_atomic(
         directory / STATE_TENSORS,
         {key: state[key] for key in _TENSOR_KEYS},
-        metadata={"format": "elalora-adapter", "save_id": save_id},
+        metadata={"format": _FORMAT, "save_id": save_id},
     )
     write_json_atomic(
         directory / STATE_JSON,
@@ -44,6 +44,7 @@ def remove_allocator_state(directory: Path) -> None:
 
 
 def has_allocator_state(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a saved allocator state (it may still fail the checks on reading)."""
     return (Path(directory) / STATE_JSON).is_file()
 
 
