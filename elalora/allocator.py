@@ -148,6 +148,7 @@ class RankAllocator:
         self._unc_views = _views(self.ema_unc, shards, offsets)
         # Launch tables built once for these EMA views (rebuilt only when a weight's or grad's storage moves).
         self._score_plan = elalora_kernels.ScoreEmaPlan(self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2)
+        self._nonfinite_seen = 0  # non-finite elements counted and already brought to the host
 
     # ------------------------------------------------------------ each step
     def step(self, *, optimizer_skipped: bool = False) -> StepInfo:
@@ -173,9 +174,10 @@ class RankAllocator:
                 weights, grads = self._shards.weights_and_grads(self.params)
             nonfinite = self._score_plan.update(weights, grads)
             if nonfinite is None:  # on the device: read when asked, and at rounds (which sync anyway)
-                info._nonfinite = self._score_plan.read_nonfinite
+                info._nonfinite = self._read_device_nonfinite
             else:
                 info._nonfinite = nonfinite
+                self._nonfinite_seen += nonfinite
                 _warn_nonfinite(nonfinite, f"at step {t}")
             if is_round_step(t, self.config):
                 if nonfinite is None:
@@ -184,6 +186,20 @@ class RankAllocator:
                 self.history.append(info.round)
         self.t = t + 1
         return info
+
+    def _read_device_nonfinite(self) -> int:
+        count = self._score_plan.read_nonfinite()
+        self._nonfinite_seen += count
+        return count
+
+    def nonfinite_total(self) -> int:
+        """Non-finite gradient elements seen since this allocator was built (EMAs left unchanged).
+
+        For loggers: on a GPU this is the one read (one sync) of the device count, so
+        reading it at log steps instead of ``StepInfo.nonfinite`` every step keeps steps sync-free.
+        """
+        self._read_device_nonfinite()
+        return self._nonfinite_seen
 
     # ---------------------------------------------------------------- round
     def rank_scores(self) -> Tensor:

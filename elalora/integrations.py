@@ -140,8 +140,7 @@ class ElaLoRACallback(TrainerCallback):
         self._ga_steps = 1
         self._last_penalty: Optional[torch.Tensor] = None
         self._moved_since_log = 0
-        self._nonfinite_since_log = 0  # gradient elements whose EMAs were left unchanged (inf/nan)
-        self.nonfinite_total = 0
+        self._nonfinite_at_last_log = 0  # allocator.nonfinite_total() at the previous log
         self._warned_no_loss = False
         self._initial: dict[str, int] = {}
 
@@ -193,9 +192,7 @@ class ElaLoRACallback(TrainerCallback):
         if self.allocator is None:
             return
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        info = self.allocator.step(optimizer_skipped=skipped)
-        self._nonfinite_since_log += info.nonfinite
-        self.nonfinite_total += info.nonfinite
+        info = self.allocator.step(optimizer_skipped=skipped)  # info.nonfinite is not read: on a GPU it would sync
         if info.round is not None:
             rec = info.round
             self._moved_since_log += rec.moved
@@ -209,17 +206,19 @@ class ElaLoRACallback(TrainerCallback):
         if self.allocator is None or logs is None or "loss" not in logs and "train_loss" not in logs:
             return
         ranks = [layer.active_rank for layer in self.allocator.layers]
+        nonfinite = self.allocator.nonfinite_total()  # on a GPU: the log step's one sync
         extra = {
             "elalora/total_rank": sum(ranks),
             "elalora/min_rank": min(ranks),
             "elalora/max_rank": max(ranks),
             "elalora/rounds": len(self.allocator.history),
             "elalora/ranks_moved": self._moved_since_log,
-            "elalora/nonfinite_grad_elements": self._nonfinite_since_log,
+            "elalora/nonfinite_grad_elements": nonfinite - self._nonfinite_at_last_log,
         }
         if self._last_penalty is not None:
             extra["elalora/orth_penalty"] = float(self._last_penalty)
-        self._moved_since_log = self._nonfinite_since_log = 0
+        self._moved_since_log = 0
+        self._nonfinite_at_last_log = nonfinite
         logs.update(extra)
         # The Trainer copied `logs` into log_history before calling callbacks: add ours there too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

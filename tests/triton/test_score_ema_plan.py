@@ -103,3 +103,6 @@ def test_nonfinite_count_waits_on_the_device_until_read(device):
     with pytest.warns(RuntimeWarning, match="3 adapter gradient elements were inf/nan since the last read"):
         info = alloc.step()  # t = 5: the first round reads the count and warns
     assert info.round is not None and info.nonfinite == 3
+    _set_grads(alloc, 6, bad=True)
+    alloc.step()  # counted on the device, read by nothing but the total below
+    assert alloc.nonfinite_total() == 12  # every element counted, each read counted once
