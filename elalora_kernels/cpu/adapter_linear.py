@@ -18,6 +18,10 @@ backward  G  = gᵀ h                  (out×r)
 
 Five GEMMs in the backward, three in the forward, and no elementwise pass
 over an N×r or N×out tensor: every scaling is applied to the r-wide factors.
+Riding the rank-r update inside the base GEMMs (K-concatenated operands
+[x | u]·[W0 | P]ᵀ and [g | v]·[W0 ; Q]) or running row blocks while they are
+in cache was measured against this arrangement on CPU and did not beat it
+(benchmarks/bench_cpu_adapter_arrangements.py, benchmarks/RESULTS.md).
 
 xₐ is x, or dropout(x) drawn exactly as ``F.dropout(x, p, training=True)``
 draws it (same RNG stream, same mask for one seed) as the first random op.
