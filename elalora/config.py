@@ -36,34 +36,66 @@ def _check_module_names(name: str, value) -> None:
 
 @dataclass(frozen=True)
 class ElaLoRAConfig:
-    """Hyper-parameters of ElaLoRA (names as in docs/ALGORITHM.md).
+    """Every hyper-parameter of ElaLoRA, validated at construction.
 
-    ``r`` is the initial rank of every adapted matrix and ``r_max`` its slot
-    capacity (default ``2·r``). The scale ``s = lora_alpha / r`` is fixed per
-    layer: it is not rescaled when a layer's rank changes (as in the authors'
-    code and AdaLoRA). ``total_steps`` may be left ``None`` when the allocator
-    is given it later (for instance by the Trainer callback).
+    The formulas are in docs/ALGORITHM.md (§ numbers below). Each field:
+    [default; the value in the authors' GLUE runs, where they give one].
 
-    ``target_modules``: module-name suffixes (``"query"`` matches
-    ``encoder.layer.0.attention.self.query``) or one regex over the full name.
-    ``None`` (the default) picks the attention and MLP projections of a known
-    Hugging Face architecture (``elalora.architectures.DEFAULT_TARGETS``).
+    The adapters (§1)
+      r [8; 10, 2 for QNLI]: initial rank of every adapted matrix.
+      r_max [2·r]: slots per matrix, the most rank it can grow to (at most 256,
+          the kernels' limit). Shapes never change, so the memory for r_max
+          slots is taken from the start.
+      lora_alpha [16; 16]: sets the scale s = lora_alpha / r, fixed per layer:
+          it is not rescaled when a layer's rank changes (as in the authors'
+          code and AdaLoRA).
+      lora_dropout [0.0]: dropout on the adapter's input only.
+      init ["paper"]: how each adapter starts; ΔW = 0 under both. "paper":
+          P, Q ~ N(0, 0.02²), λ = 0, so at first only λ has a task gradient.
+          "zero_p": P = 0, λ = 1, Q ~ N(0, 0.02²), as LoRA starts B = 0: every
+          entry of P learns from the first step (faster start on short runs;
+          see benchmarks/RESULTS.md).
 
-    ``modules_to_save``: modules (suffixes or a regex, as for targets) that are
-    trained fully instead of frozen — typically a newly initialised task head —
-    and saved with the adapter. ``None`` takes the head that ``task_type`` adds.
+    Which modules
+      target_modules [None]: names of the layers to adapt: suffixes ("query"
+          matches encoder.layer.0.attention.self.query) or one regex over the
+          full name. None picks the attention and MLP projections of a known
+          Hugging Face architecture (elalora.architectures.DEFAULT_TARGETS).
+      modules_to_save [None]: modules (suffixes or a regex, as for targets)
+          trained fully instead of frozen, typically a newly initialised task
+          head, and saved with the adapter. None takes the head that
+          task_type adds.
+      task_type [None]: "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM",
+          "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION" or None. For the first three,
+          modules_to_save=None means the task's head (classifier /
+          pre_classifier / score; qa_outputs); the others add no head.
 
-    ``init``: how each adapter starts; ΔW = 0 under both. ``"paper"`` (the
-    default, docs/ALGORITHM.md): P, Q ~ N(0, 0.02²), λ = 0, so at first only λ
-    has a task gradient. ``"zero_p"``: P = 0, λ = 1, Q ~ N(0, 0.02²), as
-    LoRA starts B = 0: every entry of P learns from the first step (faster
-    start on short runs; see benchmarks/RESULTS.md).
+    Importance scores (§2, §3), updated after every optimizer step
+      beta1 [0.85; 0.85]: smoothing of the sensitivity EMA Ī of |w·∂L/∂w|.
+      beta2 [0.85; 0.85]: smoothing of the uncertainty EMA Ū of |ipt − Ī|.
 
-    ``task_type``: one of ``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
-    ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"FEATURE_EXTRACTION"`` or ``None``.
-    For the first three, ``modules_to_save=None`` means the task's head
-    (``classifier`` / ``pre_classifier`` / ``score``; ``qa_outputs``); the
-    language-model and feature tasks add no head.
+    Rounds and their schedule (§4, §5); t counts optimizer steps from 0
+      total_steps [None]: optimizer steps T of the run. May stay None when
+          RankAllocator is given it (the Trainer callback passes the
+          Trainer's). t_init + t_final < total_steps is required.
+      t_init [200; 300 on RTE]: warm-up, t ≤ t_init: scores accumulate,
+          ranks stay.
+      t_final [200; 500 on RTE]: the last t_final steps: ranks frozen, scores
+          no longer updated.
+      mask_interval [50; 50 on RTE]: steps between two rounds of phase 2.
+      b [4; 4]: ranks a round moves at the start of phase 2: the b weakest
+          are pruned and as many new ranks added; 0 turns rounds off.
+      k [2; 2]: the most ranks one matrix may lose, or gain, in one round.
+      rank_scheduler [True; on]: a round at progress p through phase 2 moves
+          b_t = round(b·(1 − p³)) ranks, fewer as training settles; False
+          keeps b.
+      seed [0]: seeds the adapters' initialisation (inject) and the
+          allocator's random draws for new ranks.
+
+    The regulariser (§6)
+      orth_reg [0.1; 0.1]: coefficient c of the orthogonality penalty that
+          RankAllocator.orth_penalty() returns, to add to the loss; 0 turns it
+          off.
     """
 
     r: int = 8

@@ -217,3 +217,28 @@ def test_a_command_whose_extra_is_missing_names_it(monkeypatch, capsys, tmp_path
     err = capsys.readouterr().err
     assert "matplotlib" in err and f"elalora[{extra}]" in err
     assert not (tmp_path / "run").exists()
+
+
+
+def _says(text: str, default) -> bool:
+    """Whether a documented default (``8``, ``0.85``, ``"paper"``, ``True``; backticks or not) is ``default``."""
+    text = text.strip().strip("`").strip('"')
+    if isinstance(default, (bool, str)):
+        return text == str(default)
+    return float(text) == default
+
+
+def test_every_config_field_is_documented_with_its_default_in_help_and_in_the_readme():
+    import dataclasses
+
+    from elalora import ElaLoRAConfig
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for field in dataclasses.fields(ElaLoRAConfig):
+        entry = re.search(rf"^ +{field.name} \[([^;\]]+)", ElaLoRAConfig.__doc__, re.M)
+        assert entry, f"help(ElaLoRAConfig) does not document {field.name}"
+        row = re.search(rf"^\| `{field.name}` \| ([^|]+) \|", readme, re.M)
+        assert row, f"the README's configuration table has no row for {field.name}"
+        if field.default is not None:
+            assert _says(entry.group(1), field.default), (field.name, entry.group(1))
+            assert _says(row.group(1), field.default), (field.name, row.group(1))
