@@ -55,7 +55,7 @@ BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 DATA = ROOT / "elalora" / "data"
 TASKS = {"movies": DATA / "movieReviewSnippets_GroundTruth.txt", "tweets": DATA / "tweets_GroundTruth.txt"}
 # ElaLoRA variants: name -> ElaLoRAConfig overrides.
-ELALORA_VARIANTS = {"elalora": {}, "elalora-zero_p": {"init": "zero_p"}}
+ELALORA_VARIANTS = {"elalora": {"init": "paper"}, "elalora-zero_p": {"init": "zero_p"}}
 METHODS = ("lora", "adalora", *ELALORA_VARIANTS)
 NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora": "ElaLoRA",
          "elalora-zero_p": 'ElaLoRA, init="zero_p"'}
@@ -181,8 +181,14 @@ def adapter_params(run: Run) -> int:
 
 # ------------------------------------------------------------------ planning
 def grid_plan(tasks, methods, rs, lrs, seeds) -> list[dict]:
+    """Most informative first, so that a study cut short still says something: seed 0 at every lr but the
+    lowest, then the other seeds from the highest lr down, the lowest lr last (at this run length it barely
+    leaves chance). Each (lr, seed) block holds every task, rank and method."""
+    low = min(lrs)
+    blocks = sorted(((lr, seed) for lr in lrs for seed in range(seeds)),
+                    key=lambda b: (b[0] == low, b[1] > 0, -b[0], b[1]))
     return [dict(task=task, method=m, r=r, lr=lr, seed=seed, r_max=None)
-            for task in tasks for r in rs for lr in lrs for seed in range(seeds) for m in methods]
+            for lr, seed in blocks for task in tasks for r in rs for m in methods]
 
 
 def best_lr(rows: list[dict], task: str, method: str, r: int) -> Optional[float]:
@@ -195,15 +201,17 @@ def best_lr(rows: list[dict], task: str, method: str, r: int) -> Optional[float]
     return max(means, key=means.get) if means else None
 
 
-def capacity_plan(rows: list[dict], tasks, seeds: int, r: int = 8) -> list[dict]:
-    """ElaLoRA at r_max = ⌈f·r⌉ for each capacity factor, at the lr that was best for ElaLoRA (r_max 2r)."""
+def capacity_plan(rows: list[dict], tasks, methods, seeds: int, r: int = 8) -> list[dict]:
+    """Each ElaLoRA variant at r_max = ⌈f·r⌉ for each capacity factor, at the lr that was best for it in the
+    grid rows there are so far (r_max 2r); the row records that lr."""
     plan = []
-    for task in tasks:
-        lr = best_lr(rows, task, "elalora", r)
-        if lr is None:
-            raise SystemExit(f"--capacity needs the grid's ElaLoRA r={r} runs on {task} first")
-        plan += [dict(task=task, method="elalora", r=r, lr=lr, seed=seed, r_max=math.ceil(f * r))
-                 for f in CAPACITY_FACTORS for seed in range(seeds)]
+    for method in (m for m in methods if m in ELALORA_VARIANTS):
+        for task in tasks:
+            lr = best_lr(rows, task, method, r)
+            if lr is None:
+                raise SystemExit(f"--capacity needs the grid's {method} r={r} runs on {task} first")
+            plan += [dict(task=task, method=method, r=r, lr=lr, seed=seed, r_max=math.ceil(f * r))
+                     for f in CAPACITY_FACTORS for seed in range(seeds)]
     return plan
 
 
@@ -256,25 +264,19 @@ def markdown(rows: list[dict], setup: dict) -> str:
                     f"{statistics.mean(x['train_cpu_seconds'] for x in sel):.0f} |")
     capacity = [row for row in rows if row.get("capacity") is not None]
     if capacity:
-        lines += ["", "### ElaLoRA capacity r_max at r = 8 (each task at ElaLoRA's best lr)", "",
-                  "| task | lr | r_max | accuracy | full layers passed over / rounds | trainable params "
-                  "| optimizer state |", "|---|---|---|---|---|---|---|"]
-        for task in tasks:
-            lr = best_lr(rows, task, "elalora", 8)
-            base = [row for row in grid if (row["task"], row["method"], row["r"], row["lr"]) == (task, "elalora", 8, lr)]
-            groups = {row["r_max"]: [] for row in base}
-            for row in capacity:
-                if row["task"] == task:
-                    groups.setdefault(row["r_max"], []).append(row)
-            for row in base:
-                groups[row["r_max"]].append(row)
-            for r_max in sorted(groups):
-                sel = sorted(groups[r_max], key=lambda row: row["seed"])
+        lines += ["", "### ElaLoRA capacity r_max at r = 8 (at the lr that was best for the variant and task)", "",
+                  "| task | method | lr | r_max | accuracy | full layers passed over / rounds | trainable params "
+                  "| optimizer state |", "|---|---|---|---|---|---|---|---|"]
+        for task, method, lr in sorted({(row["task"], row["method"], row["lr"]) for row in capacity}):
+            same = [row for row in rows if (row["task"], row["method"], row["r"], row["lr"]) == (task, method, 8, lr)]
+            for r_max in sorted({row["r_max"] for row in same}):
+                sel = sorted((row for row in same if row["r_max"] == r_max), key=lambda row: row["seed"])
                 accs = [row["accuracy"] for row in sel]
                 lines.append(
-                    f"| {task} | {lr:g} | {r_max} | {mean_std(accs)} ({', '.join(f'{a:.3f}' for a in accs)}) | "
-                    f"{sum(x['passed_over'] for x in sel)} / {sum(x['rounds'] for x in sel)} | "
-                    f"{sel[0]['trainable_params']:,} | {sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB |")
+                    f"| {task} | {NAMES[method]} | {lr:g} | {r_max} | {mean_std(accs)} "
+                    f"({', '.join(f'{a:.3f}' for a in accs)}) | {sum(x['passed_over'] for x in sel)} / "
+                    f"{sum(x['rounds'] for x in sel)} | {sel[0]['trainable_params']:,} | "
+                    f"{sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB |")
     return "\n".join(lines)
 
 
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
         write_section(markdown(done, setup))
         return 0
     if args.capacity:
-        plan = capacity_plan(done, tasks, args.seeds)
+        plan = capacity_plan(done, tasks, args.methods.split(","), args.seeds)
     else:
         plan = grid_plan(tasks, args.methods.split(","), [int(x) for x in args.r.split(",")],
                          [float(x) for x in args.lrs.split(",")], args.seeds)

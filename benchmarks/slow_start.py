@@ -10,6 +10,7 @@ AdaLoRA P = lora_B, λ = lora_E, Q = lora_A.
     python benchmarks/slow_start.py --method elalora --lr 2e-3
     python benchmarks/slow_start.py --method elalora --lr 2e-3 --init zero_p
     python benchmarks/slow_start.py --method adalora --lr 2e-3
+    python benchmarks/slow_start.py --demo --lr 5e-3 --every 10 --init zero_p   # the demo's set-up
 """
 from __future__ import annotations
 
@@ -99,7 +100,9 @@ def trace(method: str, task: str, r: int, lr: float, seed: int, setup: dict, eve
         rec["loss"] = loss - (rec["penalty"] if method == "adalora" else 0.0)  # PEFT's loss includes its penalty
     acc = demo.evaluate(model, test)
     for rec in records[::every] + records[-1:]:
-        print(f"step {rec['step']:4d}  loss {rec['loss']:.3f}  |λ| {rec['lam_abs']:.2e}  "
+        window = [r["loss"] for r in records[max(0, rec["step"] - every + 1): rec["step"] + 1]]
+        print(f"step {rec['step']:4d}  loss {rec['loss']:.3f} (mean of last {len(window)}: "
+              f"{sum(window) / len(window):.3f})  |λ| {rec['lam_abs']:.2e}  "
               f"‖g_P‖ {rec['grad_P']:.2e}  ‖g_Q‖ {rec['grad_Q']:.2e}  ‖g_λ‖ {rec['grad_lam']:.2e}  "
               f"penalty share P {rec['pen_share_P']:.2f} Q {rec['pen_share_Q']:.2f}", flush=True)
     print(f"{method} {options} lr {lr:g} r {r} seed {seed} task {task}: accuracy {acc:.4f}", flush=True)
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--orth-reg", type=float, default=None, help="ElaLoRA only (default: the config's)")
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--json", default=None, help="write the per-step records here")
+    p.add_argument("--demo", action="store_true", help="the demo's set-up (2,000 sentences, batch 16, 125 steps)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     options = {}
@@ -124,7 +128,11 @@ def main(argv=None) -> int:
         options["init"] = args.init
         if args.orth_reg is not None:
             options["orth_reg"] = args.orth_reg
-    records = trace(args.method, args.task, args.r, args.lr, args.seed, quality.SETUP, args.every, **options)
+    setup = quality.SETUP
+    if args.demo:
+        setup = dict(n_train=demo.DEFAULTS["n_train"], n_test=demo.DEFAULTS["n_test"],
+                     batch_size=demo.DEFAULTS["batch_size"], epochs=demo.DEFAULTS["epochs"], max_length=demo.MAX_LENGTH)
+    records = trace(args.method, args.task, args.r, args.lr, args.seed, setup, args.every, **options)
     if args.json:
         Path(args.json).write_text(json.dumps(records))
     return 0
