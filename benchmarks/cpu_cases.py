@@ -5,8 +5,10 @@ exactly the same work.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -111,13 +113,11 @@ class _Memcpy:
     (ctypes releases the GIL during the call)."""
 
     def __init__(self, dst: torch.Tensor, src: torch.Tensor):
-        import ctypes
-
         self._memcpy = ctypes.CDLL(None).memcpy
         self._memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         self._dst, self._src, self._nbytes = dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size()
         self._keep = (dst, src)
-        self._pool = None
+        self._pools = {}  # parts -> a pool of parts - 1 threads (the caller copies one part)
 
     def _part(self, i: int, parts: int) -> None:
         lo = self._nbytes * i // parts // 64 * 64
@@ -128,11 +128,9 @@ class _Memcpy:
         parts = torch.get_num_threads()
         if parts == 1:
             return self._part(0, 1)
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is None or self._pool._max_workers != parts - 1:
-            self._pool = ThreadPoolExecutor(parts - 1)
-        pending = [self._pool.submit(self._part, i, parts) for i in range(1, parts)]
+        if parts not in self._pools:
+            self._pools[parts] = ThreadPoolExecutor(parts - 1)
+        pending = [self._pools[parts].submit(self._part, i, parts) for i in range(1, parts)]
         self._part(0, parts)
         for p in pending:
             p.result()
