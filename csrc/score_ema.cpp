@@ -19,8 +19,8 @@
 // time, so a thread the OS delays does not hold the others up. A private
 // pool was tried and measured worse: called right after torch ops (as it is,
 // after optimizer.step()), torch's OpenMP threads still spin-wait on the cores
-// and a second pool competes with them (5.3 ms alone, 9.2 ms interleaved with
-// a torch copy, 32 × 4096² adapters on 2 threads).
+// and a second pool competes with them (numbers in benchmarks/RESULTS.md,
+// "Measurements behind design choices").
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -53,7 +53,7 @@ struct Coeffs {
 };
 
 // Built for the portable baseline and for AVX2, picked at load time (GCC function
-// multiversioning): AVX2 widens bfloat16 faster (+14% measured); float32 is
+// multiversioning): AVX2 widens bfloat16 faster (measured, see RESULTS.md); float32 is
 // memory-bound either way. AVX2 has no FMA, and -ffp-contract=off holds in both.
 //
 // Function multiversioning needs x86 and the ELF loader's ifunc (Linux); elsewhere,
@@ -65,7 +65,7 @@ struct Coeffs {
 #endif
 // `ok ? new : old` as a bitwise select. Written as a ternary, GCC turns "store the
 // old value back" into "skip the store", a branch that leaves the loop scalar
-// (measured 1.7x slower than this vectorised form on the 32 x 4096^2 set, 1 thread).
+// (measured slower than this vectorised form: benchmarks/RESULTS.md).
 inline float select(bool ok, float new_value, float old_value) {
   uint32_t n, o;
   std::memcpy(&n, &new_value, sizeof n);

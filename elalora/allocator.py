@@ -424,7 +424,7 @@ def _swap(tensor: Tensor, dim: int, i: int, j: int) -> None:
 @contextlib.contextmanager
 def _one_thread():
     """New ranks need tiny float64 QRs: starting threads for them costs more than the work
-    (measured on 2 shared cores: 2.4 ms per QR on two threads, 0.2 ms on one)."""
+    (benchmarks/RESULTS.md, "Measurements behind design choices")."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

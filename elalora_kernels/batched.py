@@ -52,9 +52,8 @@ def rank_scores(
 def _rank_scores_per_matrix(out: Tensor, ipt, unc) -> Tensor:
     """CPU: per matrix, straight into its row of ``out``. On the CPU nothing waits on a
     device, the EMAs are read in place (stacking them first copies every one), and
-    each op stays below torch's parallel grain, so no fork-join per op: measured on
-    MiniLM-L6's 36 matrices (r_max 16), 0.7 ms against 1.5 ms batched on one thread
-    and 96 ms batched on two threads of shared, loaded cores."""
+    each op stays below torch's parallel grain, so no fork-join per op (faster than
+    the batched form: benchmarks/RESULTS.md, "Measurements behind design choices")."""
     for m, ((ip, il, iq), (up, ul, uq)) in enumerate(zip(ipt, unc)):
         out[m] = il * ul + ((iq * uq).mean(dim=1) + (ip * up).mean(dim=0))
     return out
