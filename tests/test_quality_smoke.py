@@ -32,16 +32,12 @@ def test_quality_runs_every_method_and_resumes(tmp_path, one_thread):
         assert quality.NAMES[method] in text
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_each_method_trains_on_its_authors_objective(method, one_thread):
-    """AdaLoRA's loss must carry PEFT's orthogonality penalty (the harness once called the base model
-    directly and dropped it); LoRA's loss is the plain task loss."""
+def test_adalora_trains_on_its_authors_objective(one_thread):
+    """AdaLoRA's loss must carry PEFT's orthogonality penalty: the harness once called the base model
+    directly and dropped it."""
     train, _ = quality.load_task("movies", SMALL)
-    run = quality.build(method, 2, 0, SMALL, max_steps=4)
+    run = quality.build("adalora", 2, 0, SMALL, max_steps=4)
     batch = train.batch(torch.arange(8))
     out = run.model(**batch)
     plain = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
-    if method == "adalora":
-        assert float(out.loss.detach()) > float(plain) + 1e-3
-    else:
-        torch.testing.assert_close(out.loss, plain)
+    assert float(out.loss.detach()) > float(plain.detach()) + 1e-3
