@@ -220,9 +220,13 @@ def key(row: dict) -> tuple:
 
 
 # ------------------------------------------------------------------ the tables
-def mean_std(values) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+def accuracy_cell(runs: list[dict]) -> str:
+    """Mean ± std over the seeds, then each seed's accuracy (s0 = seed 0)."""
+    accs = [row["accuracy"] for row in runs]
+    seeds = ", ".join(f"s{row['seed']} {row['accuracy']:.3f}" for row in runs)
+    if len(accs) == 1:
+        return f"{accs[0]:.3f} ({seeds})"
+    return f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} ({seeds})"
 
 
 def markdown(rows: list[dict], setup: dict) -> str:
@@ -233,7 +237,10 @@ def markdown(rows: list[dict], setup: dict) -> str:
         f"Each run: {setup['n_train']} training / {setup['n_test']} test sentences (fixed split, shuffle seed 1234, "
         f"independent of the training seed), {setup['epochs']} epoch at batch {setup['batch_size']} = "
         f"{total_steps(setup)} optimizer steps, sequences cut at {setup['max_length']} tokens, one CPU thread. "
-        "Accuracy is mean ± std over the seeds (0, 1, 2), per-seed values in brackets.",
+        "Accuracy is mean ± std over the seeds that ran, then each seed's value (s0 = seed 0); a cell with fewer than "
+        "three seeds, or a missing column, is a part of the grid that did not run. The methods and their objectives are "
+        "in the docstring of benchmarks/quality.py; the commands, the check of AdaLoRA's objective, the slow start "
+        "and a reading follow the tables.",
     ]
     grid = [row for row in rows if row.get("capacity") is None]
     for task in tasks:
@@ -247,8 +254,7 @@ def markdown(rows: list[dict], setup: dict) -> str:
                 for lr in lrs:
                     runs = sorted((row for row in sel if (row["method"], row["r"], row["lr"]) == (method, r, lr)),
                                   key=lambda row: row["seed"])
-                    accs = [row["accuracy"] for row in runs]
-                    cells.append(f"{mean_std(accs)} ({', '.join(f'{a:.3f}' for a in accs)})" if accs else "–")
+                    cells.append(accuracy_cell(runs) if runs else "–")
                 if any(c != "–" for c in cells):
                     lines.append(f"| {r} | {NAMES[method]} | " + " | ".join(cells) + " |")
     lines += ["", "### Cost per run (mean over every task, lr and seed)", "",
@@ -271,10 +277,9 @@ def markdown(rows: list[dict], setup: dict) -> str:
             same = [row for row in rows if (row["task"], row["method"], row["r"], row["lr"]) == (task, method, 8, lr)]
             for r_max in sorted({row["r_max"] for row in same}):
                 sel = sorted((row for row in same if row["r_max"] == r_max), key=lambda row: row["seed"])
-                accs = [row["accuracy"] for row in sel]
                 lines.append(
-                    f"| {task} | {NAMES[method]} | {lr:g} | {r_max} | {mean_std(accs)} "
-                    f"({', '.join(f'{a:.3f}' for a in accs)}) | {sum(x['passed_over'] for x in sel)} / "
+                    f"| {task} | {NAMES[method]} | {lr:g} | {r_max} | {accuracy_cell(sel)} | "
+                    f"{sum(x['passed_over'] for x in sel)} / "
                     f"{sum(x['rounds'] for x in sel)} | {sel[0]['trainable_params']:,} | "
                     f"{sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB |")
     return "\n".join(lines)
