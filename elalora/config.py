@@ -11,12 +11,12 @@ from elalora_kernels.limits import MAX_R_MAX
 from ._checks import is_int, is_number
 from .architectures import TASK_TYPES
 
+# How an adapter starts (ElaLoRAConfig.init, ElaLoRALinear(init=...)); ΔW = 0 under each.
+INITS = ("paper", "zero_p")
+
 
 def _fail(name: str, rule: str, value) -> None:
     raise ValueError(f"ElaLoRAConfig.{name} {rule} (got {value!r})")
-
-# How an adapter starts (ElaLoRAConfig.init, ElaLoRALinear(init=...)); ΔW = 0 under each.
-INITS = ("paper", "zero_p")
 
 
 def _check_module_names(name: str, value) -> None:
