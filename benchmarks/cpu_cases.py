@@ -274,16 +274,17 @@ def train_step(impl: str, r: int = 8, total_steps: int = 1000, t_init: int = 2, 
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     if impl == "peft LoRA":
-        config = LoraConfig(r=r, lora_alpha=16, target_modules=PEFT_TARGETS, lora_dropout=0.0)
+        config = LoraConfig(r=r, lora_alpha=16, target_modules=PEFT_TARGETS, lora_dropout=0.0, task_type="SEQ_CLS")
     elif impl == "peft AdaLoRA":
         config = AdaLoraConfig(
             init_r=r + r // 2, target_r=r, lora_alpha=16, target_modules=PEFT_TARGETS, lora_dropout=0.0,
-            tinit=t_init, tfinal=10, deltaT=mask_interval, total_step=total_steps,
+            tinit=t_init, tfinal=10, deltaT=mask_interval, total_step=total_steps, task_type="SEQ_CLS",
         )
     else:
         raise ValueError(impl)
+    # task_type makes PeftModelForSequenceClassification: the head trains (modules_to_save) and
+    # AdaLoraModel.forward runs, which is where PEFT adds AdaLoRA's orthogonality penalty to the loss.
     model = get_peft_model(model, config)
-    model.base_model.model.classifier.requires_grad_(True)
     n_adapted = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     counter = [0]
