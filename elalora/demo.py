@@ -47,7 +47,7 @@ def default_data_path() -> Path:
     env = os.environ.get("ELALORA_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "data" / DATA_NAME
+    return Path(__file__).resolve().parent.parent / "data" / DATA_NAME
 
 
 def load_movie_reviews(path: str | Path | None = None) -> list[tuple[str, int]]:

@@ -122,8 +122,12 @@ class ElaLoRALinear(nn.Module):
         # Drawn on the CPU in float32 so a seed gives the same adapter on every device.
         # Both inits draw the same random numbers, so a seed gives the same Q under either.
         # ΔW = 0 under both: "paper" (docs/ALGORITHM.md §1) has λ = 0, "zero_p" has P = 0 (as LoRA's B = 0).
-        p = torch.randn(out_features, r_max, generator=generator) * 0.02
-        q = torch.randn(r_max, in_features, generator=generator) * 0.02
+        # Only the r active slots are drawn: a round initialises a slot anew when it activates it (§4.6),
+        # so r_max reserves memory without changing what a seed draws.
+        p = torch.zeros(out_features, r_max)
+        q = torch.zeros(r_max, in_features)
+        p[:, :r] = torch.randn(out_features, r, generator=generator) * 0.02
+        q[:r] = torch.randn(r, in_features, generator=generator) * 0.02
         lam = torch.zeros(r_max)
         if init == "zero_p":
             p.zero_()
