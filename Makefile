@@ -26,8 +26,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not subprocess" $(PYTEST_ARGS)
 
+# The CPU suite under pytest-benchmark (benchmarks/bench_*.py), then the RESULTS.md tables from its JSON.
+BENCH_JSON ?= benchmarks/cpu_results.json
 bench: $(STAMP)
-	$(PY) benchmarks/compare.py
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS)
+	$(PY) benchmarks/compare.py $(BENCH_JSON)
 
 # On a CUDA machine: the GPU tests, then benchmarks/gpu.py (checks + timings), writing
 # benchmarks/gpu_results.json and benchmarks/gpu_results.md (< 8 min on an H200).

@@ -1,7 +1,7 @@
-"""Cases shared by the CPU pytest-benchmark suites and benchmarks/compare.py.
+"""Cases of the CPU pytest-benchmark suite (benchmarks/bench_*.py).
 
-Every builder returns plain callables, so pytest-benchmark and compare.py time
-exactly the same work.
+Every builder returns plain callables, so the suite and the arrangements script
+time exactly the same work.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import elalora_kernels.cpu as cpu_ops
 from elalora_kernels.reference import score_ema_update_one
 
 BETA1 = BETA2 = 0.85
+THREADS = 2  # torch threads of every benchmark unless a case sets its own (benchmarks/conftest.py)
 
 # ----------------------------------------------------------------- score+EMA
 SCORE_SETS = {
@@ -206,6 +207,7 @@ def adapter_case(impl: str, n: int, d: int, r: int):
 ADAPTER_IMPLS = ["base nn.Linear", "elalora", "peft LoRA", "peft AdaLoRA"]
 
 # ------------------------------------------------------- whole training step
+STEP_IMPLS = ["peft LoRA", "elalora", "peft AdaLoRA"]
 STEP_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 PEFT_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
 
