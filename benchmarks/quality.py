@@ -377,9 +377,9 @@ def costs(rows: list[dict]) -> list[str]:
 
 
 def capacity(rows: list[dict]) -> list[str]:
-    """How many (run, layer) pairs a cap of r_max would have turned away: a peak above a cap below the
-    run's r_max, or a pass-over at the run's own r_max (spare slots are drawn only when activated, so a
-    cap no layer passes gives the very same run)."""
+    """How many (run, layer) pairs a cap would have turned away: a peak above a cap below the run's r_max,
+    or a pass-over at the run's own r_max. A cap that no layer's peak exceeds never binds: the allocator
+    would have taken the same decisions (up to rounding)."""
     lines = ["", "### Capacity: layers an r_max would have capped (ElaLoRA runs with reallocation on)", "",
              "| r | runs | layers × runs | highest rank reached | capped at ⌈1.25 r⌉ | capped at ⌈1.5 r⌉ | "
              "capped at 2r |", "|---|---|---|---|---|---|---|"]

@@ -34,6 +34,16 @@ def test_zero_p_starts_p_at_zero_lam_at_one_and_shares_q_with_paper(r, r_max):
     assert torch.count_nonzero(paper.lora_lam) == 0 and torch.count_nonzero(paper.lora_P) > 0
 
 
+@pytest.mark.parametrize("init", ["paper", "zero_p"])
+@pytest.mark.parametrize("r", [1, 3])
+def test_spare_slots_start_at_zero_and_r_max_does_not_change_the_draws(init, r):
+    """A round initialises a slot when it activates it, so nothing is drawn for spare slots and a seed
+    gives the same adapter at any r_max."""
+    small, large = _layer(13, 9, r, r, init), _layer(13, 9, r, 3 * r + 1, init)
+    assert torch.equal(large.lora_P[:, :r], small.lora_P) and torch.equal(large.lora_Q[:r], small.lora_Q)
+    assert torch.count_nonzero(large.lora_P[:, r:]) == 0 and torch.count_nonzero(large.lora_Q[r:]) == 0
+
+
 @pytest.mark.parametrize("in_f,out_f,r", [(7, 1, 1), (7, 123, 3), (64, 97, 8)])
 def test_first_gradient_reaches_all_of_p_under_zero_p_and_only_lam_under_paper(in_f, out_f, r):
     """Why the option exists: with λ = 0 the task gradient of P and Q is zero; with P = 0 every entry
