@@ -112,6 +112,11 @@ class RankAllocator:
         if len(r_maxes) != 1:
             raise ValueError(f"RankAllocator: every layer must share one r_max, found {sorted(r_maxes)}")
         self.r_max = r_maxes.pop()
+        if self.r_max != config.r_max:
+            raise ValueError(
+                f"RankAllocator: the layers have r_max = {self.r_max} but config.r_max = {config.r_max}; "
+                "build the allocator with the config the model was injected with"
+            )
         devices = {layer.lora_lam.device for layer in self.layers}
         if len(devices) != 1:
             raise ValueError(f"RankAllocator: adapters must be on one device, found {sorted(map(str, devices))}")

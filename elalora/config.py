@@ -15,8 +15,28 @@ from .architectures import TASK_TYPES
 INITS = ("paper", "zero_p")
 
 
-def _fail(name: str, rule: str, value) -> None:
-    raise ValueError(f"ElaLoRAConfig.{name} {rule} (got {value!r})")
+def _fail(name: str, rule: str, value, where: str = "ElaLoRAConfig.") -> None:
+    raise ValueError(f"{where}{name} {rule} (got {value!r})")
+
+
+def resolve_r_max(r, r_max, where: str) -> int:
+    """``r_max`` checked against ``r`` and the kernels' limit, ``2·r`` when None.
+
+    The one place both are defaulted and checked: ElaLoRAConfig and ElaLoRALinear
+    call it, ``where`` starting their messages.
+    """
+    if not is_int(r):
+        _fail("r", "must be an int", r, where)
+    if r < 1:
+        _fail("r", "must be >= 1", r, where)
+    r_max = 2 * r if r_max is None else r_max
+    if not is_int(r_max):
+        _fail("r_max", "must be an int", r_max, where)
+    if r_max < r:
+        _fail("r_max", f"must be >= r = {r}", r_max, where)
+    if r_max > MAX_R_MAX:
+        _fail("r_max", f"must be <= {MAX_R_MAX}, the kernels' limit", r_max, where)
+    return r_max
 
 
 def _check_module_names(name: str, value) -> None:
@@ -119,23 +139,16 @@ class ElaLoRAConfig:
     init: str = "paper"
 
     def __post_init__(self) -> None:
-        if self.r_max is None:
-            object.__setattr__(self, "r_max", 2 * self.r if is_int(self.r) else None)
+        object.__setattr__(self, "r_max", resolve_r_max(self.r, self.r_max, "ElaLoRAConfig."))
         for name in ("target_modules", "modules_to_save"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("r", "r_max", "b", "k", "t_init", "t_final", "mask_interval", "seed"):
+        for name in ("b", "k", "t_init", "t_final", "mask_interval", "seed"):
             if not is_int(getattr(self, name)):
                 _fail(name, "must be an int", getattr(self, name))
-        if self.r < 1:
-            _fail("r", "must be >= 1", self.r)
-        if self.r_max < self.r:
-            _fail("r_max", f"must be >= r = {self.r}", self.r_max)
-        if self.r_max > MAX_R_MAX:
-            _fail("r_max", f"must be <= {MAX_R_MAX}, the kernels' limit", self.r_max)
         if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
             _fail("lora_alpha", "must be a finite number > 0", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):

@@ -11,7 +11,7 @@ from torch import Tensor
 import elalora_kernels
 
 from ._checks import is_int, is_number
-from .config import INITS
+from .config import INITS, resolve_r_max
 
 
 def conv1d_class():
@@ -89,13 +89,7 @@ class ElaLoRALinear(nn.Module):
         return layer
 
     def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator, init) -> None:
-        r_max = 2 * r if r_max is None else r_max
-        if not (is_int(r) and r >= 1):
-            raise ValueError(f"ElaLoRALinear: r must be an int >= 1 (got {r!r})")
-        if not (is_int(r_max) and r_max >= r):
-            raise ValueError(f"ElaLoRALinear: r_max must be an int >= r = {r} (got {r_max!r})")
-        if r_max > elalora_kernels.MAX_R_MAX:
-            raise ValueError(f"ElaLoRALinear: r_max must be <= {elalora_kernels.MAX_R_MAX}, the kernels' limit (got {r_max})")
+        r_max = resolve_r_max(r, r_max, "ElaLoRALinear: ")
         if not (is_number(lora_alpha) and lora_alpha > 0):
             raise ValueError(f"ElaLoRALinear: lora_alpha must be a finite number > 0 (got {lora_alpha!r})")
         if not (is_number(lora_dropout) and 0 <= lora_dropout < 1):

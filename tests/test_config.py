@@ -1,7 +1,8 @@
 """ElaLoRAConfig validation: each invalid value fails at construction, naming the field and the rule."""
 import pytest
+import torch.nn as nn
 
-from elalora import ElaLoRAConfig
+from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, inject
 
 
 def test_defaults():
@@ -55,3 +56,25 @@ def test_replace_validates():
     assert config.replace(total_steps=21).total_steps == 21
     with pytest.raises(ValueError, match="total_steps"):
         config.replace(total_steps=20)
+
+
+@pytest.mark.parametrize("r,r_max", [(0, None), (2.5, None), (True, None), (4, 3), (4, 5.0), (4, 257)])
+def test_config_and_layer_check_r_and_r_max_alike(r, r_max):
+    with pytest.raises(ValueError) as from_config:
+        ElaLoRAConfig(r=r, r_max=r_max)
+    with pytest.raises(ValueError) as from_layer:
+        ElaLoRALinear(4, 4, r=r, r_max=r_max)
+    assert str(from_config.value).removeprefix("ElaLoRAConfig.") == str(from_layer.value).removeprefix("ElaLoRALinear: ")
+
+
+def test_config_and_layer_default_r_max_alike():
+    assert ElaLoRALinear(4, 4, r=3).r_max == ElaLoRAConfig(r=3).r_max == 6
+
+
+def test_allocator_rejects_a_config_whose_r_max_is_not_the_layers():
+    model = nn.Sequential(nn.Linear(4, 4))
+    schedule = dict(target_modules=["0"], t_init=1, t_final=1, total_steps=10)
+    inject(model, ElaLoRAConfig(r=2, r_max=3, **schedule))
+    with pytest.raises(ValueError, match=r"the layers have r_max = 3 but config\.r_max = 4"):
+        RankAllocator(model, ElaLoRAConfig(r=2, **schedule))
+    assert RankAllocator(model, ElaLoRAConfig(r=2, r_max=3, **schedule)).r_max == 3
