@@ -172,9 +172,7 @@ class Hooks:
 
 @dataclass
 class TrainResult:
-    steps: int
-    final_loss: float  # mean task loss of the last 20 steps
-    losses: list[float] = field(repr=False)
+    losses: list[float] = field(repr=False)  # the task loss of every step
     curve: dict[int, float]  # step -> validation accuracy
     cpu_seconds: float  # training only, evaluations excluded
     wall_seconds: float
@@ -212,5 +210,4 @@ def train(model: nn.Module, data: Encoded, *, steps: int, batch_size: int, lr: f
         wall += time.perf_counter() - wall0
         if val is not None and t + 1 in eval_at:
             curve[t + 1] = evaluate(model, val)
-    return TrainResult(steps=steps, final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=losses, curve=curve,
-                       cpu_seconds=cpu, wall_seconds=wall)
+    return TrainResult(losses=losses, curve=curve, cpu_seconds=cpu, wall_seconds=wall)

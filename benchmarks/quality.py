@@ -154,7 +154,7 @@ def run_one(spec: dict, data: dict, setup: dict) -> dict:
     row.update(
         val_curve={str(t): acc for t, acc in result.curve.items()}, val_final=result.curve[setup["steps"]],
         test_accuracy=harness.evaluate(run.model, test), test_majority=test.majority_accuracy(),
-        first_loss=sum(result.losses[:20]) / len(result.losses[:20]), final_loss=result.final_loss,
+        loss_curve=[round(statistics.mean(chunk), 4) for chunk in split_evenly(result.losses, 10)],
         trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         adapter_params=adapter_params(method, run.model),
         optimizer_state_bytes=sum(v.numel() * v.element_size() for s in run.optimizer.state.values()
@@ -165,6 +165,13 @@ def run_one(spec: dict, data: dict, setup: dict) -> dict:
     if run.allocator is not None:
         row.update(capacity_record(run.allocator, r))
     return row
+
+
+def split_evenly(values: list, parts: int) -> list[list]:
+    """``values`` cut into ``parts`` consecutive chunks of (nearly) equal length, none empty."""
+    parts = min(parts, len(values))
+    bounds = [round(i * len(values) / parts) for i in range(parts + 1)]
+    return [values[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def adapter_params(method: str, model: torch.nn.Module) -> int:
