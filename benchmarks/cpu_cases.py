@@ -257,7 +257,7 @@ def train_step(impl: str, r: int = 8, total_steps: int = 1000, t_init: int = 2, 
         config = elalora.ElaLoRAConfig(
             r=r, lora_alpha=16, target_modules=STEP_TARGETS, t_init=t_init, t_final=10, mask_interval=mask_interval, b=4, k=2
         )
-        names = elalora.inject(model, config)
+        names = elalora.adapted_names(elalora.inject(model, config))
         model.classifier.requires_grad_(True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         allocator = elalora.RankAllocator(model, config, opt, total_steps=total_steps)
@@ -327,7 +327,7 @@ def allocator_bench(r: int = 8):
 
     model = _minilm_classifier()
     config = elalora.ElaLoRAConfig(r=r, lora_alpha=16, target_modules=STEP_TARGETS, b=4, k=2)
-    names = elalora.inject(model, config)
+    names = elalora.adapted_names(elalora.inject(model, config))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scoring = elalora.RankAllocator(model, config.replace(t_init=10**8, t_final=0), opt, total_steps=10**9)
     rounds = elalora.RankAllocator(model, config.replace(t_init=0, t_final=0, mask_interval=1), opt, total_steps=10**9)

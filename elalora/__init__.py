@@ -1,6 +1,6 @@
 """ElaLoRA: LoRA adapters whose ranks are pruned and expanded during fine-tuning.
 
-    model_names = elalora.inject(model, config)          # adapt target nn.Linear layers
+    model = elalora.inject(model, config)                # adapt target nn.Linear layers, as PEFT's get_peft_model
     allocator = elalora.RankAllocator(model, config, optimizer)
     loss = task_loss + allocator.orth_penalty()
     ...; optimizer.step(); allocator.step(); optimizer.zero_grad()
@@ -9,8 +9,8 @@ from .allocator import RankAllocator, RoundRecord, StepInfo
 from .config import ElaLoRAConfig
 from .export import export_peft_lora
 from .io import AdapterLoadError, load_adapter, save_adapter
-from .layer import ElaLoRALinear
-from .model import adapter_layers, inject, merge, merge_and_unload, print_trainable_parameters, unmerge
+from .layer import ElaLoRALinear, NoAllocatorWarning
+from .model import adapted_names, adapter_layers, inject, merge, merge_and_unload, print_trainable_parameters, unmerge
 from .pretrained import from_pretrained, save_pretrained
 from .reallocation import RoundPlan, plan_round
 from .regularizer import orth_penalty
@@ -28,6 +28,8 @@ __all__ = [
     "RoundPlan",
     "RoundRecord",
     "StepInfo",
+    "NoAllocatorWarning",
+    "adapted_names",
     "adapter_layers",
     "inject",
     "merge",

@@ -1,8 +1,25 @@
-"""Files written whole or not at all, safetensors read with their metadata, files of one save paired.
+"""Files written whole or not at all, saves of several files committed as one, safetensors and JSON read safely.
 
 Every write goes to a temporary file in the target's directory, is flushed to
 disk, and is renamed into place: a reader sees the old file or the new one,
 never a partial one, and a failed write leaves no temporary file behind.
+
+A save of several files (``commit_files``) is made all-or-nothing with a
+journal, because the files keep fixed names in a folder that may hold other
+files too (a Trainer checkpoint):
+
+1. every new file is written whole under a temporary name and flushed;
+2. the journal ``.elalora-commit.json`` (written atomically) lists them: this
+   is the commit point;
+3. each temporary file is renamed over its final name, files the new save
+   drops are deleted, and the journal is deleted last.
+
+Until step 2 completes no final name has changed: the folder holds the old
+save. From then on the journal names a complete new save, and ``recover``
+(run by every reader and writer before it touches the folder) finishes steps
+3 that a killed writer left undone, so the folder holds the new save. Only a
+reader that skips ``recover`` (transformers, PEFT) can see the old and new
+files side by side, in the microseconds of step 3 of a writer killed there.
 """
 from __future__ import annotations
 
@@ -33,21 +50,109 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
-
+def _json_writer(data: Any) -> Callable[[str], None]:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
 
-    _atomic_write(Path(path), write)
+    return write
+
+
+def _safetensors_writer(tensors: dict, metadata: Optional[dict]) -> Callable[[str], None]:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return lambda tmp: save_file(tensors, tmp, metadata=metadata)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
+    _atomic_write(Path(path), _json_writer(data))
 
 
 def write_safetensors_atomic(path: str | Path, tensors: dict, metadata: Optional[dict] = None) -> None:
     """Write tensors (moved to the CPU) via a temporary file and a rename."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(Path(path), _safetensors_writer(tensors, metadata))
+
+
+def read_json(path: str | Path) -> Any:
+    """The data of a JSON file; ``ValueError`` naming the file if it is truncated or garbled."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a readable JSON file ({err})") from None
+
+
+# --------------------------------------------- saves of several files
+JOURNAL = ".elalora-commit.json"
+
+
+class SaveFiles:
+    """The files of one save, collected and then committed together by ``commit_files``."""
+
+    def __init__(self):
+        self.writers: dict[str, Callable[[str], None]] = {}
+
+    def json(self, name: str, data: Any) -> None:
+        self.writers[name] = _json_writer(data)
+
+    def safetensors(self, name: str, tensors: dict, metadata: Optional[dict] = None) -> None:
+        self.writers[name] = _safetensors_writer(tensors, metadata)
+
+
+def commit_files(directory: str | Path, files: SaveFiles, remove: tuple[str, ...] = ()) -> None:
+    """Replace the files of ``files`` in ``directory`` and delete ``remove``, all or nothing (see the module doc)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    recover(directory)
+    for name in files.writers:  # temporary files of a writer killed before its commit point
+        for stray in directory.glob(f".{name}.*.tmp"):
+            stray.unlink(missing_ok=True)
+    staged = {}
+    try:
+        for name, write in files.writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            staged[name] = Path(tmp).name
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        _sync_dir(directory)
+        write_json_atomic(directory / JOURNAL, {"rename": staged, "remove": [n for n in remove if n not in staged]})
+    except BaseException:
+        for tmp in staged.values():
+            (directory / tmp).unlink(missing_ok=True)
+        raise
+    _sync_dir(directory)
+    recover(directory)
+
+
+def recover(directory: str | Path) -> None:
+    """Finish a save whose writer was stopped after its commit point (nothing to do otherwise)."""
+    directory = Path(directory)
+    journal = directory / JOURNAL
+    if not journal.is_file():
+        return
+    plan = read_json(journal)
+    for name, tmp in plan["rename"].items():
+        if (directory / tmp).exists():  # renamed already by the writer or another reader otherwise
+            os.replace(directory / tmp, directory / name)
+    for name in plan["remove"]:
+        (directory / name).unlink(missing_ok=True)
+    _sync_dir(directory)
+    journal.unlink(missing_ok=True)
+    _sync_dir(directory)
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make renames and deletions in ``directory`` durable (POSIX; Windows cannot open a directory)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -108,6 +108,8 @@ class RankAllocator:
             raise ValueError("RankAllocator: model has no ElaLoRALinear layers (call elalora.inject first)")
         self.names = [n for n, _ in named]
         self.layers: list[ElaLoRALinear] = [m for _, m in named]
+        for layer in self.layers:
+            layer.has_allocator = True
         r_maxes = {layer.r_max for layer in self.layers}
         if len(r_maxes) != 1:
             raise ValueError(f"RankAllocator: every layer must share one r_max, found {sorted(r_maxes)}")

@@ -11,40 +11,29 @@ to say (it runs on every load).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from ._files import read_safetensors, same_save, write_json_atomic, write_safetensors_atomic
+from ._files import SaveFiles, read_json, read_safetensors, recover, same_save
 
 STATE_JSON = "allocator.json"
 STATE_TENSORS = "allocator.safetensors"
 _FORMAT = "elalora-adapter/allocator"
 _TENSOR_KEYS = ("ema_ipt", "ema_unc", "generator")
 _JSON_KEYS = ("version", "t", "config", "layers", "history", "ranks")
+ALLOCATOR_FILES = (STATE_JSON, STATE_TENSORS)
 
 
-def write_allocator_state(state: dict, directory: Path, save_id: str) -> None:
-    """Write a ``RankAllocator.state_dict()`` as the two files, both marked with ``save_id``."""
-    write_safetensors_atomic(
-        directory / STATE_TENSORS,
-        {key: state[key] for key in _TENSOR_KEYS},
-        metadata={"format": _FORMAT, "save_id": save_id},
-    )
-    write_json_atomic(
-        directory / STATE_JSON,
-        {"format": _FORMAT, "save_id": save_id, **{key: state[key] for key in _JSON_KEYS}},
-    )
-
-
-def remove_allocator_state(directory: Path) -> None:
-    """Delete the allocator files, so that a stale state never pairs with newer weights."""
-    for name in (STATE_JSON, STATE_TENSORS):
-        (directory / name).unlink(missing_ok=True)
+def add_allocator_state(files: SaveFiles, state: dict, save_id: str) -> None:
+    """Add a ``RankAllocator.state_dict()`` to a save, as the two files, both marked with ``save_id``."""
+    files.safetensors(STATE_TENSORS, {key: state[key] for key in _TENSOR_KEYS},
+                      metadata={"format": _FORMAT, "save_id": save_id})
+    files.json(STATE_JSON, {"format": _FORMAT, "save_id": save_id, **{key: state[key] for key in _JSON_KEYS}})
 
 
 def has_allocator_state(directory: str | Path) -> bool:
     """Whether ``directory`` holds a saved allocator state (it may still fail the checks on reading)."""
+    recover(directory)
     return (Path(directory) / STATE_JSON).is_file()
 
 
@@ -55,11 +44,13 @@ def read_allocator_state(directory: str | Path, save_id: Optional[str] = None) -
     come from different saves, or (given ``save_id``) from a save other than that one.
     """
     directory = Path(directory)
+    recover(directory)
     json_path, tensors_path = directory / STATE_JSON, directory / STATE_TENSORS
     if not (json_path.is_file() and tensors_path.is_file()):
         raise ValueError(f"{directory} holds no allocator state ({STATE_JSON} and {STATE_TENSORS})")
-    with open(json_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(json_path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{json_path} holds a {type(meta).__name__}, not an allocator state")
     tensors, tensors_meta = read_safetensors(tensors_path)
     if not same_save(meta, tensors_meta, tensors_path, legacy_sha256_key="tensors_sha256"):
         raise ValueError(f"{STATE_TENSORS} and {STATE_JSON} in {directory} are files of different saves")

@@ -80,7 +80,8 @@ class ElaLoRAConfig:
       target_modules [None]: names of the layers to adapt: suffixes ("query"
           matches encoder.layer.0.attention.self.query) or one regex over the
           full name. None picks the attention and MLP projections of a known
-          Hugging Face architecture (elalora.architectures.DEFAULT_TARGETS).
+          Hugging Face architecture (elalora.architectures.DEFAULT_TARGETS);
+          "all-linear" every nn.Linear / Conv1D except the output layer.
       modules_to_save [None]: modules (suffixes or a regex, as for targets)
           trained fully instead of frozen, typically a newly initialised task
           head, and saved with the adapter. None takes the head that

@@ -13,6 +13,9 @@ writes: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``;
 other trainable parameters (a classification head) are exported as
 ``base_model.model.<param>`` with their modules listed in ``modules_to_save``.
 
+``elalora.save_adapter`` (and so ``save_pretrained`` and the Trainer callback)
+writes this adapter beside elalora's own files, so every save is also one:
+
     from peft import PeftModel
     served = PeftModel.from_pretrained(base_model, export_dir)   # same outputs as ours
 """
@@ -26,8 +29,19 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._files import write_json_atomic, write_safetensors_atomic
+from ._files import SaveFiles, commit_files
 from .model import adapter_layers
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def lora_factors(p: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, rank: int, scale: float):
+    """``(lora_A, lora_B)`` of one layer from its packed slots (whole tensors), in the slots' dtype."""
+    with torch.no_grad():
+        b = p[:, :rank].float() * (scale * lam[:rank].float())
+        a = q[:rank].float()
+    return a.to(p.dtype).contiguous(), b.to(p.dtype).contiguous()
 
 
 def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,15 +50,54 @@ def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in adapter_layers(model):
         if layer.merged:
             raise RuntimeError(f"export_peft_lora: layer {name!r} is merged; unmerge it first")
-        r = layer.active_rank
-        with torch.no_grad():
-            lam = layer.lora_lam[:r].float() * layer.active[:r].float()
-            b = layer.lora_P[:, :r].float() * (layer.scale * lam)
-            a = layer.lora_Q[:r].float()
-        dtype = layer.lora_P.dtype
-        out[f"{name}.lora_A.weight"] = a.to(dtype).contiguous()
-        out[f"{name}.lora_B.weight"] = b.to(dtype).contiguous()
+        a, b = lora_factors(layer.lora_P, layer.lora_lam, layer.lora_Q, layer.active_rank, layer.scale)
+        out[f"{name}.lora_A.weight"] = a
+        out[f"{name}.lora_B.weight"] = b
     return out
+
+
+def trained_module_names(model: nn.Module) -> list[str]:
+    """The modules owning trainable parameters outside the adapters (PEFT's ``modules_to_save``)."""
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
+    owners = []
+    for pname, p in model.named_parameters():
+        owner = pname.rpartition(".")[0]
+        if p.requires_grad and id(p) not in adapter_ids and owner and owner not in owners:
+            owners.append(owner)
+    return owners
+
+
+def peft_lora_config(
+    layers: Sequence[tuple[str, object]],
+    ranks: dict[str, int],
+    *,
+    modules_to_save: Sequence[str],
+    base_model_name_or_path: Optional[str],
+    task_type: Optional[str],
+) -> dict:
+    """PEFT's ``adapter_config.json`` for adapters of ``ranks`` (``layers``: the (name, ElaLoRALinear) pairs)."""
+    default_r = Counter(ranks.values()).most_common(1)[0][0]
+    # PEFT reads pattern keys as regexes matched against the end of a module name: escape the dots.
+    # Every module is listed, so the file states each module's rank.
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": default_r,
+        "lora_alpha": float(default_r),  # scaling = alpha / r = 1: s is folded into lora_B
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
+        "alpha_pattern": {re.escape(n): float(r) for n, r in ranks.items()},
+        "target_modules": [name for name, _ in layers],
+        "lora_dropout": max(layer.lora_dropout for _, layer in layers),
+        "bias": "none",
+        # GPT-2's Conv1D stores W as [in, out]; lora_A/lora_B are the same either way
+        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": list(modules_to_save) or None,
+    }
 
 
 def export_peft_lora(
@@ -60,57 +113,23 @@ def export_peft_lora(
     ``modules_to_save`` defaults to the modules owning trainable parameters
     outside the adapters (e.g. ``["classifier"]``); pass ``[]`` to export the
     adapters only. Module names are relative to ``model``: load the export with
-    ``PeftModel.from_pretrained`` on the same base model class.
+    ``PeftModel.from_pretrained`` on the same base model class. The two files
+    replace any earlier ones together (see ``elalora._files``).
     """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("export_peft_lora: model has no ElaLoRALinear layers")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"base_model.model.{k}": v for k, v in peft_lora_tensors(model).items()}
-
-    adapter_ids = {id(p) for _, layer in layers for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
-    params = dict(model.named_parameters())
-    if modules_to_save is None:
-        owners = []
-        for pname, p in params.items():
-            if p.requires_grad and id(p) not in adapter_ids:
-                owner = pname.rpartition(".")[0]
-                if owner and owner not in owners:
-                    owners.append(owner)
-        modules_to_save = owners
-    modules_to_save = list(modules_to_save)
+    modules_to_save = trained_module_names(model) if modules_to_save is None else list(modules_to_save)
     for module_name in modules_to_save:
-        module = model.get_submodule(module_name)
-        for pname, p in module.named_parameters():
-            tensors[f"base_model.model.{module_name}.{pname}"] = p.detach().contiguous()
-
+        for pname, p in model.get_submodule(module_name).named_parameters():
+            tensors[f"base_model.model.{module_name}.{pname}"] = p.detach()
     ranks = {name: layer.active_rank for name, layer in layers}
-    default_r = Counter(ranks.values()).most_common(1)[0][0]
-    # PEFT reads pattern keys as regexes matched against the end of a module name: escape the dots.
-    # Every module is listed, so the file states each module's rank.
-    rank_pattern = {re.escape(n): r for n, r in ranks.items()}
-    alpha_pattern = {re.escape(n): float(r) for n, r in ranks.items()}
-    dropouts = {layer.lora_dropout for _, layer in layers}
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": default_r,
-        "lora_alpha": float(default_r),  # scaling = alpha / r = 1: s is folded into lora_B
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "target_modules": [name for name, _ in layers],
-        "lora_dropout": max(dropouts),
-        "bias": "none",
-        # GPT-2's Conv1D stores W as [in, out]; lora_A/lora_B are the same either way
-        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": modules_to_save or None,
-    }
-    write_safetensors_atomic(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    write_json_atomic(directory / "adapter_config.json", config)
-    return directory
+    files = SaveFiles()
+    files.safetensors(PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    files.json(PEFT_CONFIG_NAME, peft_lora_config(
+        layers, ranks, modules_to_save=modules_to_save,
+        base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+    ))
+    commit_files(directory, files)
+    return Path(directory)

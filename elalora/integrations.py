@@ -1,9 +1,8 @@
 """Hugging Face ``transformers.Trainer`` integration.
 
-    model = AutoModelForSequenceClassification.from_pretrained(...)
-    elalora.inject(model, config)                  # config.total_steps may stay None
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      callbacks=[ElaLoRACallback(config)])
+    model = elalora.inject(AutoModelForSequenceClassification.from_pretrained(...), config)
+    trainer = Trainer(model=model, args=args, train_dataset=ds)
+    callback = ElaLoRACallback(config).attach(trainer)   # config.total_steps may stay None
     trainer.train()
 
 What the callback does, and where:
@@ -17,8 +16,12 @@ What the callback does, and where:
   It also moves the callback to the front of the Trainer's callback list, so
   that its ``on_log`` runs before the reporting integrations (TensorBoard,
   W&B, … are added before user callbacks) and they record the ``elalora/*``
-  scalars. The Trainer hands callbacks no reference to itself: the callback
-  finds it on the call stack (``_calling_trainer``).
+  scalars. The Trainer hands callbacks no reference to itself, so
+  ``attach(trainer)`` is how the callback gets one: it puts the callback in
+  the list, wraps ``trainer.train`` to see ``resume_from_checkpoint`` (checked
+  against the installed Trainer's signature when attaching) and
+  ``trainer.save_model``. A callback the Trainer runs without being attached
+  raises at ``on_train_begin`` instead of guessing.
 * ``on_optimizer_step``: steps the allocator. In transformers 5.x this event
   fires right after ``optimizer.step()`` and before ``lr_scheduler.step()`` and
   ``model.zero_grad()`` — exactly where docs/ALGORITHM.md needs it (gradients are
@@ -49,12 +52,14 @@ What the callback does, and where:
   record (``elalora_run.json``: ranks, round history) is written to
   ``args.output_dir``; ``python -m elalora plot OUTPUT_DIR`` draws it.
 * Saving: every checkpoint and every ``trainer.save_model(dir)`` also gets the
-  adapter-only files of ``elalora.save_pretrained`` (``adapter_config.json``,
-  ``adapter_model.safetensors``) and the allocator state (``allocator.json`` +
+  adapter-only files of ``elalora.save_pretrained`` (a PEFT LoRA adapter and
+  elalora's own ``elalora_config.json``, ``elalora_model.safetensors``) and the allocator state (``allocator.json`` +
   ``allocator.safetensors``, no pickle): ``on_save`` writes them into the
   checkpoint, and the Trainer's ``save_model`` is wrapped to write them beside
   the full weights it saves. ``elalora.from_pretrained(base,
-  dir)`` loads them onto a fresh base model.
+  dir)`` loads them onto a fresh base model; so does transformers alone
+  (``AutoModelFor….from_pretrained(dir)`` with peft installed), as the files
+  under PEFT's names are a PEFT LoRA adapter.
 * Gradient checkpointing with a frozen embedding: the embedding output is made
   to require grad (``enable_input_require_grads``, as PEFT does).
 """
@@ -83,7 +88,7 @@ logger = logging.getLogger("elalora")
 try:  # transformers (and accelerate, which its Trainer needs) are optional for the package
     from accelerate.utils import extract_model_from_parallel
     from transformers import Trainer, TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as err:  # pragma: no cover
     raise ImportError("elalora.integrations needs `transformers` and `accelerate` (pip install 'elalora[hf]')") from err
 
@@ -98,31 +103,14 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
-def _calling_trainer() -> tuple[Optional[Trainer], dict]:
-    """The Trainer whose event is being handled, and the locals of its frame (``(None, {})`` outside one).
-
-    Callbacks receive no reference to the Trainer; the nearest Trainer frame on
-    the stack is the method that fired the event (``_inner_training_loop`` for
-    ``on_train_begin``, whose locals hold ``resume_from_checkpoint``).
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if isinstance(frame.f_locals.get("self"), Trainer):
-                return frame.f_locals["self"], frame.f_locals
-            frame = frame.f_back
-        return None, {}
-    finally:
-        del frame  # a frame held in a local would keep every frame above it alive
-
-
 class ElaLoRACallback(TrainerCallback):
     """Steps an ElaLoRA ``RankAllocator`` inside ``transformers.Trainer`` (see the module doc).
 
     ``config`` is the ``ElaLoRAConfig`` the model was injected with; its
     ``total_steps`` is ignored in favour of the Trainer's ``state.max_steps``.
-    After training, ``callback.allocator`` holds the allocator (rank pattern,
-    history) and ``callback.record`` the run record.
+    Hand it its Trainer with ``attach(trainer)``. After training,
+    ``callback.allocator`` holds the allocator (rank pattern, history) and
+    ``callback.record`` the run record.
     """
 
     RUN_RECORD = "elalora_run.json"
@@ -143,6 +131,30 @@ class ElaLoRACallback(TrainerCallback):
         self._nonfinite_at_last_log = 0  # allocator.nonfinite_total() at the previous log
         self._warned_no_loss = False
         self._initial: dict[str, int] = {}
+        self._trainer: Optional[Trainer] = None
+        self._resume_from = None  # the resume_from_checkpoint of the Trainer's current train() call
+
+    def attach(self, trainer: Trainer) -> "ElaLoRACallback":
+        """Run in ``trainer``: first in its callback list, seeing its ``train`` and ``save_model`` calls.
+
+        Returns the callback. Call it once per Trainer, before ``trainer.train()``.
+        """
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"ElaLoRACallback.attach expects a transformers Trainer, got {type(trainer).__name__}")
+        if "resume_from_checkpoint" not in inspect.signature(trainer.train).parameters:
+            raise RuntimeError(
+                "ElaLoRACallback.attach: this transformers' Trainer.train takes no resume_from_checkpoint; "
+                "this elalora does not support it"
+            )
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        # First in the list, so that the reporters' on_log sees our scalars.
+        callbacks.insert(0, self)
+        self._trainer = trainer
+        _wrap(trainer, "train", self, self._train_wrapper)
+        _wrap(trainer, "save_model", self, self._save_model_wrapper)
+        return self
 
     # ------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -160,16 +172,14 @@ class ElaLoRACallback(TrainerCallback):
                 f"t_init + t_final = {self.config.t_init} + {self.config.t_final}; lower them or train longer"
             )
         self._initial = {n: layer.active_rank for n, layer in adapter_layers(model)}
+        if self._trainer is None:
+            raise RuntimeError(
+                "ElaLoRACallback: not attached to its Trainer; call ElaLoRACallback(config).attach(trainer) "
+                "before trainer.train()"
+            )
         self.allocator = RankAllocator(model, self.config, optimizer=unwrap_optimizer(optimizer), total_steps=total)
-        trainer, trainer_locals = _calling_trainer()
-        if trainer is not None and self in trainer.callback_handler.callbacks:
-            # First in the list, so that the reporters' on_log sees our scalars. Moving the running
-            # callback to the front during the event's loop neither skips nor repeats another callback.
-            trainer.callback_handler.callbacks.remove(self)
-            trainer.callback_handler.callbacks.insert(0, self)
         if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
-            resumed = trainer_locals.get("resume_from_checkpoint")
-            ckpt = Path(resumed if isinstance(resumed, (str, os.PathLike)) else self._checkpoint_dir(args, state))
+            ckpt = self._resumed_checkpoint(args, state)
             if has_allocator_state(ckpt):
                 load_allocator_state(self.allocator, ckpt)
                 logger.info("elalora: resumed allocator state from %s (step %d)", ckpt, self.allocator.t)
@@ -185,8 +195,6 @@ class ElaLoRACallback(TrainerCallback):
             self._hook = model.register_forward_hook(self._add_penalty, with_kwargs=True)
         keep_inputs_differentiable(model)
         self._model = model
-        if trainer is not None:
-            self._save_adapter_with_model(trainer)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.allocator is None:
@@ -256,25 +264,36 @@ class ElaLoRACallback(TrainerCallback):
         if layers and not any(layer.merged for _, layer in layers):
             save_pretrained(self._model, directory, allocator=self.allocator)
 
-    def _save_adapter_with_model(self, trainer: Trainer) -> None:
-        """Make ``trainer.save_model(dir)`` also write the adapter files (checkpoints get them from ``on_save``).
+    def _resumed_checkpoint(self, args, state) -> Path:
+        """The checkpoint the Trainer resumed from, as ``Trainer.train`` resolves its argument."""
+        resumed = self._resume_from
+        if resumed is True:
+            resumed = get_last_checkpoint(args.output_dir)
+        if isinstance(resumed, (str, os.PathLike)):
+            return Path(resumed)
+        return self._checkpoint_dir(args, state)
 
-        The Trainer is wrapped rather than the model: a wrapped bound method on the
-        model would follow it into copies and pickles.
-        """
-        original = trainer.save_model
-        if hasattr(original, "elalora_callback"):  # wrapped for an earlier run: this callback takes over
-            original.elalora_callback = self
-            return
+    # Wrappers of the Trainer's methods (the Trainer, not the model, is wrapped: a wrapped bound
+    # method on the model would follow it into copies and pickles).
+    def _train_wrapper(self, original):
+        signature = inspect.signature(original)
 
-        @functools.wraps(original)
+        def train(*args, **kwargs):
+            callback = train.elalora_callback
+            callback._resume_from = signature.bind(*args, **kwargs).arguments.get("resume_from_checkpoint")
+            return original(*args, **kwargs)
+
+        return train
+
+    def _save_model_wrapper(self, original):
+        trainer = self._trainer
+
         def save_model(output_dir=None, _internal_call: bool = False):
             original(output_dir, _internal_call)
             if not _internal_call and trainer.args.should_save:
                 save_model.elalora_callback._write_adapter(output_dir or trainer.args.output_dir)
 
-        save_model.elalora_callback = self
-        trainer.save_model = save_model
+        return save_model
 
     # --------------------------------------------------------- the penalty
     def _add_penalty(self, module, args, kwargs, output):
@@ -295,6 +314,15 @@ class ElaLoRACallback(TrainerCallback):
         if kwargs.get("num_items_in_batch") is not None:  # loss already normalised over the accumulated batch
             penalty = penalty / self._ga_steps
         return _set_loss(output, loss + penalty.to(loss.dtype))
+
+
+def _wrap(trainer: Trainer, method: str, callback: ElaLoRACallback, make_wrapper) -> None:
+    """Replace ``trainer.<method>`` by ``make_wrapper(original)`` once; a later callback takes the wrapper over."""
+    current = getattr(trainer, method)
+    if not hasattr(current, "elalora_callback"):
+        current = functools.wraps(current)(make_wrapper(current))
+        setattr(trainer, method, current)
+    current.elalora_callback = callback
 
 
 def _get_loss(output):

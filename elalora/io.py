@@ -1,32 +1,37 @@
-"""The adapter format: ``save_adapter`` / ``load_adapter``, safetensors for tensors, JSON for the rest.
+"""The save format: ``save_adapter`` / ``load_adapter``, safetensors for tensors, JSON for the rest.
 
 A saved adapter is a directory::
 
-    adapter_config.json        format, version, save_id, the ElaLoRAConfig (when known), per-layer
-                               active rank / r_max / shapes / scale / dtype, extra tensor names
-    adapter_model.safetensors  "<layer>.lora_P" [out, rank], "<layer>.lora_lam" [rank],
-                               "<layer>.lora_Q" [rank, in] — active slots only — and
+    adapter_config.json        a genuine PEFT LoRA adapter of the current ranks (``elalora.export``):
+    adapter_model.safetensors  transformers' PEFT integration, ``PeftModel.from_pretrained`` and
+                               LoRA serving stacks load the directory as it is
+    elalora_config.json        format, version, save_id, the ElaLoRAConfig (when known), per-layer
+                               active rank / r_max / shapes / scale / dtype, extra tensor names,
+                               the base model's description
+    elalora_model.safetensors  every slot, active or not: "<layer>.lora_P" [out, r_max],
+                               "<layer>.lora_lam" [r_max], "<layer>.lora_Q" [r_max, in], and
                                "extra.<param>" for other trainable parameters (e.g. a head);
                                its metadata holds the same save_id
     allocator.json,            (optional) the allocator state, for resuming
     allocator.safetensors      (see ``elalora.allocator_files``), with the same save_id
 
 Nothing is ever unpickled: tensors come from safetensors, the rest from JSON.
-Every file is written whole or not at all; every file of one save records the
-save's random ``save_id``, so a directory holding files of two different saves
-is detected on load. Version 1 saves (no save_id: the JSON files named the
-SHA-256 of their safetensors partner) still load.
+The files of one save replace the previous save's together or not at all
+(``elalora._files.commit_files``): a save killed at any moment leaves the
+previous complete save, or the new one. Every file of one save also records
+the save's random ``save_id``, so files of two saves put together by hand are
+detected on load.
+
+Earlier layouts still load: versions 1 and 2 kept elalora's own format under
+PEFT's file names (active slots only; version 1 paired its files by SHA-256).
+Saving such a model again writes the present layout.
 
 ``load_adapter`` checks every key, shape and dtype against the model (and the
 allocator, when given) before it changes anything: on any mismatch it raises
-``AdapterLoadError`` and the model and allocator are left untouched. Inactive
-slots are not stored; on load they are set to zero (they never influence a
-forward pass, a gradient, a score or a round: a slot that becomes active is
-re-initialised by the allocator).
+``AdapterLoadError`` and the model and allocator are left untouched.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -35,17 +40,18 @@ import torch
 import torch.nn as nn
 
 from . import fsdp
-from ._files import new_save_id, read_safetensors, same_save, write_json_atomic, write_safetensors_atomic
-from .allocator_files import read_allocator_state, remove_allocator_state, write_allocator_state
+from ._files import SaveFiles, commit_files, new_save_id, read_json, read_safetensors, recover, same_save
+from .allocator_files import ALLOCATOR_FILES, add_allocator_state, read_allocator_state
 from .config import ElaLoRAConfig
+from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, lora_factors, peft_lora_config, trained_module_names
 from .layer import ElaLoRALinear
 from .model import adapter_layers, inject, out_in_features, target_names
 
 FORMAT = "elalora-adapter"
-VERSION = 2  # 2: files paired by save_id; 1: by the SHA-256 of the safetensors file
-READABLE_VERSIONS = (1, 2)
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+VERSION = 3  # 3: own file names, every slot; 2: PEFT's names, files paired by save_id; 1: by SHA-256
+READABLE_VERSIONS = (1, 2, 3)
+CONFIG_NAME = "elalora_config.json"
+WEIGHTS_NAME = "elalora_model.safetensors"
 SLOT_TENSORS = ("lora_P", "lora_lam", "lora_Q")
 
 
@@ -67,16 +73,19 @@ def save_adapter(
     include_trainable: bool = True,
     base_model: Optional[dict] = None,
 ) -> Path:
-    """Write the adapters of ``model`` (active slots only) to ``directory``.
+    """Write the adapters of ``model`` to ``directory``: a PEFT LoRA adapter and elalora's exact state.
 
     ``config`` (or ``allocator.config``) is stored so that ``load_adapter`` can
     inject a plain base model by itself. With ``allocator``, its state is saved
     too, for resuming bit for bit (optimizer state is the caller's to save).
     With ``include_trainable`` every other trainable parameter outside the
     adapters (such as a newly initialised classification head) is saved as
-    ``extra.<name>``. ``base_model`` (JSON data describing the base model, as
-    ``save_pretrained`` writes it) is stored as is. Returns the directory. Under FSDP2 call it on every process:
-    all gather the adapters, the first process of the mesh writes.
+    ``extra.<name>``, and its module as a PEFT ``modules_to_save``. ``base_model``
+    (JSON data describing the base model, as ``save_pretrained`` writes it) is
+    stored as is; its ``name_or_path`` becomes PEFT's ``base_model_name_or_path``.
+    The files replace an earlier save in ``directory`` all together or not at all.
+    Returns the directory. Under FSDP2 call it on every process: all gather the
+    adapters, the first process of the mesh writes.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -85,16 +94,17 @@ def save_adapter(
         raise RuntimeError("save_adapter: unmerge the adapters first (merged weights would be saved twice)")
     if config is None and allocator is not None:
         config = allocator.config
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
 
     tensors: dict[str, torch.Tensor] = {}
+    peft_tensors: dict[str, torch.Tensor] = {}
     meta_layers = {}
     for name, layer in layers:
         r = layer.active_rank
-        tensors[f"{name}.lora_P"] = fsdp.full(layer.lora_P)[:, :r]
-        tensors[f"{name}.lora_lam"] = fsdp.full(layer.lora_lam)[:r]
-        tensors[f"{name}.lora_Q"] = fsdp.full(layer.lora_Q)[:r]
+        slots = {key: fsdp.full(getattr(layer, key)) for key in SLOT_TENSORS}
+        tensors.update({f"{name}.{key}": t for key, t in slots.items()})
+        a, b = lora_factors(slots["lora_P"], slots["lora_lam"], slots["lora_Q"], r, layer.scale)
+        peft_tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        peft_tensors[f"base_model.model.{name}.lora_B.weight"] = b
         meta_layers[name] = {
             "rank": r,
             "r_init": layer.r_init,
@@ -106,55 +116,84 @@ def save_adapter(
             "dtype": _dtype_name(layer.lora_P.dtype),
         }
     extra = []
+    modules_to_save = trained_module_names(model) if include_trainable else []
     if include_trainable:
         adapter_params = {id(p) for _, layer in layers for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
         for pname, p in model.named_parameters():
             if p.requires_grad and id(p) not in adapter_params:
                 tensors[f"extra.{pname}"] = fsdp.full(p)
                 extra.append(pname)
+        for module_name in modules_to_save:
+            for pname, p in model.get_submodule(module_name).named_parameters():
+                peft_tensors[f"base_model.model.{module_name}.{pname}"] = fsdp.full(p)
 
     alloc_state = allocator.state_dict() if allocator is not None else None  # a collective under FSDP2
     if not fsdp.is_writer(layers[0][1].lora_P):
-        return directory
+        return Path(directory)
     save_id = new_save_id()
-    write_safetensors_atomic(directory / WEIGHTS_NAME, tensors, metadata={"format": FORMAT, "save_id": save_id})
+    files = SaveFiles()
+    files.safetensors(PEFT_WEIGHTS_NAME, peft_tensors, metadata={"format": "pt"})
+    files.json(PEFT_CONFIG_NAME, peft_lora_config(
+        layers, {name: meta["rank"] for name, meta in meta_layers.items()}, modules_to_save=modules_to_save,
+        base_model_name_or_path=(base_model or {}).get("name_or_path"),
+        task_type=config.task_type if config is not None else None,
+    ))
+    files.safetensors(WEIGHTS_NAME, tensors, metadata={"format": FORMAT, "save_id": save_id})
+    files.json(CONFIG_NAME, {
+        "format": FORMAT,
+        "version": VERSION,
+        "save_id": save_id,
+        "config": config.to_dict() if config is not None else None,
+        "layers": meta_layers,
+        "extra": extra,
+        "rank_pattern": {name: meta["rank"] for name, meta in meta_layers.items()},
+        "base_model": base_model,
+    })
     if alloc_state is not None:
-        write_allocator_state(alloc_state, directory, save_id)
-    else:
-        remove_allocator_state(directory)
-    write_json_atomic(
-        directory / CONFIG_NAME,
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "save_id": save_id,
-            "config": config.to_dict() if config is not None else None,
-            "layers": meta_layers,
-            "extra": extra,
-            "rank_pattern": {name: meta["rank"] for name, meta in meta_layers.items()},
-            "base_model": base_model,
-        },
-    )
-    return directory
+        add_allocator_state(files, alloc_state, save_id)
+    commit_files(directory, files, remove=ALLOCATOR_FILES)  # a stale allocator state never outlives its save
+    return Path(directory)
 
 
 # -------------------------------------------------------------------- load
 def read_adapter_config(directory: str | Path) -> dict:
-    """The checked contents of ``adapter_config.json`` (``AdapterLoadError`` if it is not one this elalora reads)."""
-    path = Path(directory) / CONFIG_NAME
+    """The checked contents of ``elalora_config.json`` (``AdapterLoadError`` if it is not one this elalora reads).
+
+    A directory of the earlier layout (elalora's format under PEFT's names) is read as well;
+    the returned dict's ``"weights_file"`` names the safetensors file that goes with it.
+    """
+    directory = Path(directory)
+    recover(directory)  # finish a save that was stopped after its commit point
+    path = directory / CONFIG_NAME
     if not path.is_file():
-        raise AdapterLoadError(f"load_adapter: {path} not found (not an ElaLoRA adapter directory)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+        path = directory / PEFT_CONFIG_NAME
+        if not path.is_file():
+            raise AdapterLoadError(f"load_adapter: {directory / CONFIG_NAME} not found (not an ElaLoRA save)")
+    try:
+        meta = read_json(path)
+    except ValueError as err:
+        raise AdapterLoadError(f"load_adapter: {err}") from None
+    if isinstance(meta, dict) and meta.get("peft_type") is not None:
+        raise AdapterLoadError(
+            f"load_adapter: {directory} holds a PEFT {meta['peft_type']} adapter but no {CONFIG_NAME}; "
+            "load it with peft.PeftModel.from_pretrained (or transformers' from_pretrained)"
+        )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise AdapterLoadError(f"load_adapter: {path} is not an ElaLoRA adapter config (format {found!r})")
     if meta.get("version") not in READABLE_VERSIONS:
         raise AdapterLoadError(
-            f"load_adapter: unsupported adapter version {meta.get('version')!r} (this elalora reads "
+            f"load_adapter: unsupported adapter version {meta.get('version')!r} in {path} (this elalora reads "
             f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
+    meta["weights_file"] = WEIGHTS_NAME if path.name == CONFIG_NAME else PEFT_WEIGHTS_NAME
     return meta
+
+
+def is_saved_adapter(directory: str | Path) -> bool:
+    """Whether ``directory`` looks like an elalora save (of this layout or the earlier one)."""
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() or (directory / PEFT_CONFIG_NAME).is_file()
 
 
 def load_adapter(
@@ -174,7 +213,8 @@ def load_adapter(
     """
     directory = Path(directory)
     meta = read_adapter_config(directory)
-    weights_path = directory / WEIGHTS_NAME
+    weights_name = meta["weights_file"]
+    weights_path = directory / weights_name
     if not weights_path.is_file():
         raise AdapterLoadError(f"load_adapter: {weights_path} not found")
     try:
@@ -183,7 +223,7 @@ def load_adapter(
         raise AdapterLoadError(f"load_adapter: {err}") from None
     if not same_save(meta, tensors_meta, weights_path, legacy_sha256_key="weights_sha256"):
         raise AdapterLoadError(
-            f"load_adapter: {WEIGHTS_NAME} and {CONFIG_NAME} in {directory} are files of different saves"
+            f"load_adapter: {weights_name} and its config in {directory} are files of different saves"
         )
     saved_layers: dict = meta["layers"]
 
@@ -232,16 +272,18 @@ def load_adapter(
             r_max = to_inject.r_max
         if not (isinstance(r, int) and 1 <= r <= r_max):
             raise AdapterLoadError(f"load_adapter: layer {name!r} has rank {r!r}, outside [1, {r_max}]")
-        shapes = {"lora_P": (out_f, r), "lora_lam": (r,), "lora_Q": (r, in_f)}
+        width = stored_slots(meta, r, r_max)
+        shapes = {"lora_P": (out_f, width), "lora_lam": (width,), "lora_Q": (width, in_f)}
         for key, shape in shapes.items():
             full = f"{name}.{key}"
             expected_keys.add(full)
             if full not in tensors:
-                raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {WEIGHTS_NAME}")
+                raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {weights_name}")
             t = tensors[full]
             if tuple(t.shape) != shape:
                 raise AdapterLoadError(
-                    f"load_adapter: tensor {full!r} has shape {tuple(t.shape)}, expected {shape} (rank {r})"
+                    f"load_adapter: tensor {full!r} has shape {tuple(t.shape)}, expected {shape} "
+                    f"(rank {r}, r_max {r_max})"
                 )
             if not t.is_floating_point():
                 raise AdapterLoadError(f"load_adapter: tensor {full!r} has non-float dtype {t.dtype}")
@@ -251,7 +293,7 @@ def load_adapter(
         full = f"extra.{pname}"
         expected_keys.add(full)
         if full not in tensors:
-            raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {WEIGHTS_NAME}")
+            raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {weights_name}")
         if pname not in params:
             if strict_extra:
                 raise AdapterLoadError(f"load_adapter: saved parameter {pname!r} does not exist in the model")
@@ -263,7 +305,7 @@ def load_adapter(
             )
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
-        raise AdapterLoadError(f"load_adapter: unexpected tensors in {WEIGHTS_NAME}: {unexpected[:5]}")
+        raise AdapterLoadError(f"load_adapter: unexpected tensors in {weights_name}: {unexpected[:5]}")
 
     pattern = {name: info["rank"] for name, info in saved_layers.items()}
     alloc_state = None
@@ -282,10 +324,11 @@ def load_adapter(
         for name, info in saved_layers.items():
             layer = layer_map[name]
             r = info["rank"]
+            width = stored_slots(meta, r, layer.r_max)
             for key in SLOT_TENSORS:
                 param = getattr(layer, key)
                 whole = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
-                (whole[:, :r] if key == "lora_P" else whole[:r]).copy_(tensors[f"{name}.{key}"])
+                (whole[:, :width] if key == "lora_P" else whole[:width]).copy_(tensors[f"{name}.{key}"])
                 fsdp.copy_whole_into(param, whole)  # under FSDP2: this process's rows
             layer.set_active_rank(r)
         for pname in extra:
@@ -294,6 +337,13 @@ def load_adapter(
     if alloc_state is not None:
         allocator.load_state_dict(alloc_state)
     return pattern
+
+
+def stored_slots(meta: dict, rank: int, r_max: int) -> int:
+    """How many slots a layer's tensors hold: every slot since version 3, the active ones before
+    (the others load as zeros: an inactive slot never influences a forward, a gradient, a score or
+    a round, and one that becomes active is re-initialised by the allocator)."""
+    return r_max if meta["version"] >= 3 else rank
 
 
 def _check_names(saved: list[str], model_names: list[str], what: str) -> None:

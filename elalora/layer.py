@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,30 @@ import elalora_kernels
 
 from ._checks import is_int, is_number
 from .config import INITS, resolve_r_max
+
+
+class NoAllocatorWarning(UserWarning):
+    """ElaLoRA adapters train without a RankAllocator: their ranks stay fixed and no penalty is added."""
+
+
+_warned_no_allocator = False
+
+
+@torch.compiler.disable
+def _warn_no_allocator(grad=None) -> None:
+    """A backward hook: the first gradient that reaches an adapter without an allocator warns."""
+    global _warned_no_allocator
+    if _warned_no_allocator:
+        return
+    _warned_no_allocator = True
+    warnings.warn(
+        "ElaLoRA adapters are training without a RankAllocator, so their ranks stay fixed and no orthogonality "
+        "penalty is added. Create elalora.RankAllocator(model, config, optimizer) and call allocator.step() after "
+        "every optimizer.step() (and add allocator.orth_penalty() to the loss), or attach "
+        "elalora.integrations.ElaLoRACallback(config) to the transformers Trainer. To train fixed ranks on "
+        "purpose, silence elalora.NoAllocatorWarning.",
+        NoAllocatorWarning,
+    )
 
 
 def conv1d_class():
@@ -134,6 +159,7 @@ class ElaLoRALinear(nn.Module):
         self.register_buffer("active", active, persistent=True)
         self._rank = r  # host copy of active.sum(): forward must not sync on it
         self.merged = False
+        self.has_allocator = False  # set by RankAllocator: training without one warns once
         self.register_load_state_dict_post_hook(_refresh_rank_after_load)
 
     @property
@@ -163,7 +189,7 @@ class ElaLoRALinear(nn.Module):
         # Under torch.compile use every slot with the mask, so that a change of
         # rank changes a buffer's values, not a shape (no recompilation).
         r = self.r_max if torch.compiler.is_compiling() else self._rank
-        return elalora_kernels.adapter_linear(
+        out = elalora_kernels.adapter_linear(
             x,
             self.base_weight,
             self.bias,
@@ -174,6 +200,10 @@ class ElaLoRALinear(nn.Module):
             self.scale,
             self.lora_dropout if self.training else 0.0,
         )
+        if self.training and not self.has_allocator and not _warned_no_allocator and self.lora_lam.requires_grad:
+            if out.requires_grad:
+                out.register_hook(_warn_no_allocator)
+        return out
 
     def _check_input(self, x) -> None:
         """Reject what F.linear would reject with a cryptic message (or silently accept)."""

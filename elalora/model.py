@@ -45,8 +45,18 @@ def _describe_linears(model: nn.Module) -> str:
     return f"the model's linear layers include {names[:6]} (their last name parts: {suffixes})"
 
 
+ALL_LINEAR = "all-linear"
+
+
 def resolve_targets(model: nn.Module, config: ElaLoRAConfig):
-    """``config.target_modules``, or the architecture's default when it is ``None``."""
+    """``config.target_modules``, or the architecture's default when it is ``None``.
+
+    ``"all-linear"`` is every adaptable layer but the output layer (a language
+    model's head, often tied to the embedding), as full names.
+    """
+    if config.target_modules == ALL_LINEAR:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [n for n, m in model.named_modules() if _is_adaptable(m) and m is not output]
     if config.target_modules is not None:
         return config.target_modules
     targets = default_targets(model)
@@ -97,7 +107,7 @@ def target_names(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
     ]
 
 
-def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
+def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
     """Replace every target ``nn.Linear`` / ``Conv1D`` of ``model`` by an ElaLoRALinear, in place.
 
     Targets match a module's full name exactly or by its last dotted parts
@@ -106,9 +116,9 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
     architecture's defaults. Every parameter is frozen except the adapters'
     P, λ, Q and the ``modules_to_save`` modules (by default the head that
     ``task_type`` adds). All checks run before the model is changed. Returns
-    the adapted names in model order. Adapter initialisation draws from a
-    generator seeded with ``config.seed``. The config is kept as
-    ``model.elalora_config`` for ``save_pretrained``.
+    ``model`` (``adapted_names(model)`` lists what was adapted). Adapter
+    initialisation draws from a generator seeded with ``config.seed``. The
+    config is kept as ``model.elalora_config`` for ``save_pretrained``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects an nn.Module as model, got {type(model).__name__}")
@@ -143,7 +153,7 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
         setattr(parent, child, layer)
     keep_inputs_differentiable(model)
     setattr(model, CONFIG_ATTR, config)
-    return names
+    return model
 
 
 def keep_inputs_differentiable(model: nn.Module) -> None:
@@ -170,6 +180,11 @@ def _is_checkpointing(model: nn.Module) -> bool:
 def adapter_layers(model: nn.Module) -> list[tuple[str, ElaLoRALinear]]:
     """The (name, layer) pairs of every ElaLoRALinear in ``model``, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ElaLoRALinear)]
+
+
+def adapted_names(model: nn.Module) -> list[str]:
+    """The names of the adapted layers, in model order."""
+    return [n for n, _ in adapter_layers(model)]
 
 
 def merge(model: nn.Module) -> None:
@@ -217,24 +232,36 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable and total parameters, and the adapters' active parameters vs their allocated capacity."""
+    """Parameter counts as LoRA users compare them, with the idle slots apart.
+
+    ``trainable`` and ``total`` count the adapters at their active ranks (``P``
+    columns, ``λ`` entries and ``Q`` rows in use) plus everything else;
+    ``spare`` is the allocated slots beyond the active ranks (up to ``r_max``):
+    they train only once a round activates them, yet an optimizer such as Adam
+    keeps state for them from the first step.
+    """
     layers = [layer for _, layer in adapter_layers(model)]
+    slot_ids = {id(p) for l in layers for p in (l.lora_P, l.lora_lam, l.lora_Q)}
+    others = [p for p in model.parameters() if id(p) not in slot_ids]
+    active = sum(l.active_rank * (l.in_features + l.out_features + 1) for l in layers)
+    capacity = sum(l.r_max * (l.in_features + l.out_features + 1) for l in layers)
+    trains = any(p.requires_grad for l in layers for p in (l.lora_P, l.lora_lam, l.lora_Q))
     return {
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in model.parameters()),
-        "adapter_active": sum(l.active_rank * (l.in_features + l.out_features + 1) for l in layers),
-        "adapter_capacity": sum(l.r_max * (l.in_features + l.out_features + 1) for l in layers),
+        "trainable": (active if trains else 0) + sum(p.numel() for p in others if p.requires_grad),
+        "total": active + sum(p.numel() for p in others),
+        "adapter_active": active,
+        "spare": capacity - active,
     }
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print what trains: all trainable parameters, and the active adapter ranks' share of their ``r_max`` slots."""
+    """Print the trainable parameters (adapters at their active ranks), then the spare slots apart."""
     c = parameter_counts(model)
     print(
         f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
         f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f}"
     )
     print(
-        f"ElaLoRA adapters: {c['adapter_active']:,} active of {c['adapter_capacity']:,} allocated (r_max slots) "
-        f"|| active%: {100 * c['adapter_active'] / max(c['total'], 1):.4f} of all params"
+        f"ElaLoRA spare slots (allocated up to r_max, not counted above): {c['spare']:,} params "
+        f"|| their optimizer state with Adam: {2 * c['spare']:,} values"
     )

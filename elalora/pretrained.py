@@ -1,18 +1,22 @@
 """Adapter-only checkpoints, the Hugging Face way: ``save_pretrained`` / ``from_pretrained``.
 
-    elalora.save_pretrained(model, "my-adapter")                # no base weights (MiniLM-L6, r=8: 1.4 MB of 94)
-    base = AutoModelForSequenceClassification.from_pretrained(name)
-    model = elalora.from_pretrained(base, "my-adapter")         # same logits as `model` had
+    elalora.save_pretrained(model, "my-adapter")            # no base weights (sizes: docs/RELIABILITY.md)
+    model = elalora.from_pretrained(name, "my-adapter")     # same logits as `model` had; frozen, for inference
+    model = elalora.from_pretrained(base, "my-adapter", is_trainable=True)   # to train on
 
-The directory is the ``save_adapter`` format (see ``elalora.io``): the active
-slots of every adapter, the ``modules_to_save`` weights (a trained head), the
-config that injected the model, and a description of the base model
-(``name_or_path``, ``model_type``) so that loading onto another architecture
-fails with a clear message instead of a list of mismatched layer names.
+The directory is the ``save_adapter`` layout (see ``elalora.io``): a PEFT LoRA
+adapter that transformers and PEFT load by themselves, and elalora's exact
+state (every slot, the ``modules_to_save`` weights such as a trained head, the
+config that injected the model), with a description of the base model
+(``name_or_path``, ``model_type``, its class) so that the base can be loaded by
+name and loading onto another architecture fails with a clear message instead
+of a list of mismatched layer names.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
+
 import torch.nn as nn
 
 from .architectures import model_type
@@ -27,6 +31,7 @@ def base_model_info(model: nn.Module) -> dict:
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "model_type": model_type(model),
         "architectures": getattr(config, "architectures", None),
+        "class": type(model).__name__,
     }
 
 
@@ -45,25 +50,56 @@ def save_pretrained(model: nn.Module, directory: str | Path, allocator=None) -> 
     return save_adapter(model, directory, allocator=allocator, config=config, base_model=base_model_info(model))
 
 
-def from_pretrained(base_model: nn.Module, directory: str | Path) -> nn.Module:
-    """Inject the saved adapters into a fresh ``base_model`` and load them; returns ``base_model``.
+def from_pretrained(
+    base_model: Union[nn.Module, str, Path, None], directory: str | Path, *, is_trainable: bool = False
+) -> nn.Module:
+    """Inject the saved adapters into ``base_model`` and load them; returns the model.
+
+    ``base_model`` is a fresh model, or a name or path to load it from with the
+    transformers class it had when saved (``None``: the saved
+    ``base_model_name_or_path``). By default the model is for inference: every
+    parameter is frozen. ``is_trainable=True`` keeps the adapters and the
+    ``modules_to_save`` trainable, to continue training (build the allocator on
+    the returned model and restore its state with
+    ``elalora.allocator_files.load_allocator_state``).
 
     Every check (architecture, layer names, shapes, file integrity) runs before
     the model is changed: on a mismatch ``AdapterLoadError`` is raised and the
-    model is left as it was. To resume training, build the allocator on the
-    returned model and restore its state with ``elalora.allocator_files.load_allocator_state``.
+    model is left as it was.
     """
+    meta = read_adapter_config(directory)
+    saved = meta.get("base_model") or {}
+    if base_model is None or isinstance(base_model, (str, Path)):
+        class_name = saved.get("class") or (saved.get("architectures") or [None])[0]
+        base_model = _load_base(base_model or saved.get("name_or_path"), class_name, directory)
     if adapter_layers(base_model):
         raise AdapterLoadError(
             "from_pretrained: the model already holds ElaLoRA adapters; pass a fresh base model "
             "(or use elalora.load_adapter to overwrite them)"
         )
-    meta = read_adapter_config(directory)
-    saved = (meta.get("base_model") or {}).get("model_type")
-    if saved is not None and saved != model_type(base_model):
+    if saved.get("model_type") is not None and saved["model_type"] != model_type(base_model):
         raise AdapterLoadError(
-            f"from_pretrained: {directory} holds adapters for a {saved!r} model, "
+            f"from_pretrained: {directory} holds adapters for a {saved['model_type']!r} model, "
             f"but the base model is {model_type(base_model)!r}"
         )
     load_adapter(base_model, directory)
+    if not is_trainable:
+        base_model.requires_grad_(False)
     return base_model
+
+
+def _load_base(name_or_path, class_name, directory) -> nn.Module:
+    """The base model ``class_name.from_pretrained(name_or_path)`` (a transformers class)."""
+    if not name_or_path:
+        raise AdapterLoadError(
+            f"from_pretrained: {directory} records no base model name or path; pass the base model itself"
+        )
+    import transformers
+
+    cls = getattr(transformers, class_name or "", None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise AdapterLoadError(
+            f"from_pretrained: the base model's class {class_name!r} recorded in {directory} is not a transformers "
+            "class; load the base model yourself and pass it"
+        )
+    return cls.from_pretrained(str(name_or_path))

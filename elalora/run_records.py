@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from .allocator_files import STATE_JSON, has_allocator_state
-from .io import CONFIG_NAME, read_adapter_config
+from .io import CONFIG_NAME, is_saved_adapter, read_adapter_config
 
 RUN_RECORD_NAMES = ("run.json", "elalora_run.json")  # the demo's, the Trainer callback's
 
@@ -45,7 +45,7 @@ def load_run(run_dir: str | Path) -> dict:
         if (run_dir / name).is_file():
             with open(run_dir / name, encoding="utf-8") as f:
                 return json.load(f)
-    if (run_dir / CONFIG_NAME).is_file():
+    if is_saved_adapter(run_dir):
         return _record_of_saved_adapter(run_dir)
     if (run_dir / "adapter").is_dir():
         return load_run(run_dir / "adapter")

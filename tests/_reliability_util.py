@@ -59,7 +59,7 @@ def build(config: ElaLoRAConfig | None = None, *, seed: int = 0, dtype=None) -> 
     model = TinyNet()
     if dtype is not None:
         model = model.to(dtype)
-    names = elalora.inject(model, config)
+    names = elalora.adapted_names(elalora.inject(model, config))
     return model, names
 
 

@@ -25,7 +25,7 @@ def test_default_targets_adapt_attention_and_mlp_and_keep_outputs(family):
     extra = {"decoder_input_ids": ids} if family == "t5" else {}
     with torch.no_grad():
         before = model(input_ids=ids, **extra).last_hidden_state
-    names = elalora.inject(model, elalora.ElaLoRAConfig(r=2))
+    names = elalora.adapted_names(elalora.inject(model, elalora.ElaLoRAConfig(r=2)))
     assert len(names) == tiny.ADAPTED_PER_MODEL[family]
     # every linear layer of the body is adapted, except BERT-style poolers (not attention or MLP)
     assert set(linear_layer_names(model)) - set(names) <= {"pooler.dense"}
@@ -57,7 +57,7 @@ def test_unknown_architecture_lists_its_linear_layers():
 def test_task_type_trains_the_new_head(family, auto, task, head):
     model = tiny.model(family, auto=auto)
     config = elalora.ElaLoRAConfig(r=2, task_type=task)
-    adapted = elalora.inject(model, config)
+    adapted = elalora.adapted_names(elalora.inject(model, config))
     assert modules_to_save_names(model, config) == head
     head_params = {f"{h}.{n}" for h in head for n, _ in model.get_submodule(h).named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}

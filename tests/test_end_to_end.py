@@ -66,7 +66,7 @@ def test_training_loss_falls_and_ranks_move(source):
         r=4, r_max=8, lora_alpha=8, target_modules=("query", "key", "value", "output.dense", "intermediate.dense"),
         t_init=10, t_final=10, total_steps=70, mask_interval=10, b=4, k=2, seed=0,
     )
-    names = elalora.inject(model, config)
+    names = elalora.adapted_names(elalora.inject(model, config))
     assert len(names) == 6 * model.config.num_hidden_layers
     for p in also_trained:
         p.requires_grad_(True)

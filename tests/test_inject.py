@@ -1,9 +1,13 @@
 """inject: which modules get adapters, what stays frozen, and failure cases."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
-from elalora import ElaLoRAConfig, ElaLoRALinear, adapter_layers, inject, merge, unmerge
+import elalora.layer
+from elalora import NoAllocatorWarning, RankAllocator
+from elalora import ElaLoRAConfig, ElaLoRALinear, adapted_names, adapter_layers, inject, merge, unmerge
 
 
 class Block(nn.Module):
@@ -26,7 +30,8 @@ def test_inject_by_suffix_freezes_everything_else():
     model = _model()
     x = torch.randn(3, 8)
     expected = model(x)
-    names = inject(model, ElaLoRAConfig(r=2, target_modules=("query", "value")))
+    assert inject(model, ElaLoRAConfig(r=2, target_modules=("query", "value"))) is model  # PEFT-style
+    names = adapted_names(model)
     assert names == ["0.query", "0.value", "1.query", "1.value"]
     assert [n for n, _ in adapter_layers(model)] == names
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
@@ -40,10 +45,40 @@ def test_inject_by_regex_and_seeded_init():
     a, b = _model(), _model()
     b.load_state_dict(a.state_dict())
     config = ElaLoRAConfig(r=2, target_modules=r"\d\.(key|query)", seed=7)
-    assert inject(a, config) == ["0.query", "0.key", "1.query", "1.key"]
+    assert adapted_names(inject(a, config)) == ["0.query", "0.key", "1.query", "1.key"]
     inject(b, config)
     for (_, la), (_, lb) in zip(adapter_layers(a), adapter_layers(b)):
         assert torch.equal(la.lora_P, lb.lora_P) and torch.equal(la.lora_Q, lb.lora_Q)
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_output_layer():
+    model = inject(_model(), ElaLoRAConfig(r=2, target_modules="all-linear"))
+    assert adapted_names(model) == ["0.query", "0.key", "0.value", "1.query", "1.key", "1.value", "2"]
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    names = adapted_names(inject(gpt2, ElaLoRAConfig(r=2, target_modules="all-linear")))
+    # every Conv1D of the block; lm_head, the output layer tied to the embedding, stays as it is
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                     "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+
+
+def test_training_without_an_allocator_warns_once(monkeypatch):
+    monkeypatch.setattr(elalora.layer, "_warned_no_allocator", False)
+    config = ElaLoRAConfig(r=2, target_modules=("query",), total_steps=50, t_init=5, t_final=5)
+    x = torch.randn(3, 8)
+    managed = inject(_model(), config)
+    RankAllocator(managed, config)
+    alone = inject(_model(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        managed(x).sum().backward()  # an allocator steps these adapters
+        alone(x)  # a forward alone is no training
+        alone.eval()(x).sum().backward()
+    with pytest.warns(NoAllocatorWarning, match=r"RankAllocator\(model, config, optimizer\).*ElaLoRACallback"):
+        alone.train()(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alone(x).sum().backward()  # once
 
 
 def test_inject_nothing_matched_names_the_layers():
@@ -92,7 +127,7 @@ def test_modules_to_save_train_fully_and_are_not_adapted(modules_to_save):
     # "0" also names classifier.0, which is left out: the head trains fully
     config = ElaLoRAConfig(r=2, target_modules=("query", "key", "value", "0"), modules_to_save=modules_to_save,
                            task_type=task)
-    names = inject(model, config)
+    names = adapted_names(inject(model, config))
     assert names == ["body.0.query", "body.0.key", "body.0.value", "body.1.query", "body.1.key", "body.1.value"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
     assert trainable == {"classifier.0.weight", "classifier.0.bias", "classifier.2.weight", "classifier.2.bias"}

@@ -50,8 +50,10 @@ def make_trainer(tmp_path, model, callback, max_steps=30, extra_callbacks=(), ca
         logging_steps=5, save_strategy=kw.pop("save_strategy", "no"), report_to=kw.pop("report_to", "none"),
         use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, **kw,
     )
-    return Trainer(model=model, args=args, train_dataset=dataset(),
-                   callbacks=[*callbacks_before, callback, *extra_callbacks])
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(),
+                      callbacks=[*callbacks_before, *extra_callbacks])
+    callback.attach(trainer)
+    return trainer
 
 
 class GradProbe(TrainerCallback):
@@ -115,6 +117,7 @@ def test_penalty_added_to_training_loss_only():
     class A:
         output_dir, gradient_accumulation_steps = "unused", 2
 
+    make_trainer("unused", model, cb)
     cb.on_train_begin(A, S, None, model=model, optimizer=opt)
     batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
     penalty = float(cb.allocator.orth_penalty().detach())
@@ -140,6 +143,31 @@ def test_too_few_steps_is_a_clear_error(tmp_path):
     trainer = make_trainer(tmp_path, model, ElaLoRACallback(config), max_steps=30)
     with pytest.raises(ValueError, match="t_init"):
         trainer.train()
+
+
+def test_a_callback_run_without_attach_is_a_clear_error(tmp_path):
+    model = tiny_model()
+    config = ela_config()
+    elalora.inject(model, config)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, report_to="none", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[ElaLoRACallback(config)])
+    with pytest.raises(RuntimeError, match=r"not attached to its Trainer; call ElaLoRACallback\(config\).attach"):
+        trainer.train()
+    with pytest.raises(TypeError, match="expects a transformers Trainer"):
+        ElaLoRACallback(config).attach(object())
+
+
+def test_attach_puts_the_callback_first_and_wraps_the_trainer_not_the_model(tmp_path):
+    model = tiny_model()
+    config = ela_config()
+    elalora.inject(model, config)
+    cb, later = ElaLoRACallback(config), ElaLoRACallback(config)
+    trainer = make_trainer(tmp_path, model, cb, extra_callbacks=[later])
+    assert trainer.callback_handler.callbacks[0] is cb and cb._trainer is trainer
+    later.attach(trainer)  # a second attach takes the wrappers over instead of stacking them
+    assert trainer.callback_handler.callbacks[0] is later
+    assert trainer.train.elalora_callback is later and trainer.save_model.elalora_callback is later
+    assert not hasattr(type(trainer).train, "elalora_callback") and "train" not in vars(model)
 
 
 def test_model_without_adapters_is_rejected(tmp_path):
@@ -253,8 +281,8 @@ def test_metrics_reach_tensorboard_and_callbacks_listed_before_ours(tmp_path):
 
 
 def _adapter_files(directory):
-    return {"adapter_config.json", "adapter_model.safetensors", "allocator.json", "allocator.safetensors"} <= set(
-        os.listdir(directory))
+    return {"adapter_config.json", "adapter_model.safetensors", "elalora_config.json", "elalora_model.safetensors",
+            "allocator.json", "allocator.safetensors"} <= set(os.listdir(directory))
 
 
 def test_checkpoints_and_save_model_hold_adapter_only_files(tmp_path):

@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter: exact round trip, active slots only, allocator resume, checks, atomicity."""
+"""save_adapter / load_adapter: exact round trip, PEFT files beside ours, allocator resume, checks, atomicity."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import elalora
 from elalora import _files
 from elalora.allocator_files import load_allocator_state
-from elalora.io import AdapterLoadError, load_adapter, save_adapter
+from elalora.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, load_adapter, save_adapter
 
 VERSION_1_SAVE = Path(__file__).parent / "data" / "adapter_v1"  # written by elalora before save ids
 
@@ -88,38 +88,34 @@ def active_view(model):
 X = torch.randn(7, 12, generator=torch.Generator().manual_seed(5))
 
 
-def test_round_trip_is_exact_and_stores_only_active_slots(tmp_path):
+def test_round_trip_is_exact_and_stores_every_slot(tmp_path):
     model, cfg = adapted()
     model.head.weight.requires_grad_(True)  # a trained head is stored as an extra tensor
     with torch.no_grad():
         model.head.weight.mul_(3)
     save_adapter(model, tmp_path, config=cfg)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", CONFIG_NAME, WEIGHTS_NAME]
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     for name, layer in elalora.adapter_layers(model):
-        r = layer.active_rank
-        assert tensors[f"{name}.lora_P"].shape == (layer.out_features, r)
-        assert tensors[f"{name}.lora_lam"].shape == (r,)
-        assert tensors[f"{name}.lora_Q"].shape == (r, layer.in_features)
+        assert torch.equal(tensors[f"{name}.lora_P"], layer.lora_P)  # inactive slots too
+        assert torch.equal(tensors[f"{name}.lora_lam"], layer.lora_lam)
+        assert torch.equal(tensors[f"{name}.lora_Q"], layer.lora_Q)
     assert "extra.head.weight" in tensors and "extra.head.bias" not in tensors
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["rank_pattern"] == {n: m.active_rank for n, m in elalora.adapter_layers(model)}
+    # under PEFT's names: a PEFT LoRA adapter of the active ranks, the head as a module to save
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config["peft_type"] == "LORA" and peft_config["modules_to_save"] == ["head"]
+    assert sorted(peft_config["rank_pattern"].values()) == sorted(meta["rank_pattern"].values())
 
     other = Toy(seed=0)  # the same base weights, different adapter init
     elalora.inject(other, config(seed=7))
     pattern = load_adapter(other, tmp_path)
     assert pattern == meta["rank_pattern"]
-    want, got = active_view(model), active_view(other)
-    for name in want:
-        assert want[name][0] == got[name][0]
-        for a, b in zip(want[name][1:], got[name][1:]):
-            assert torch.equal(a, b)
-    assert torch.equal(other.head.weight, model.head.weight)
+    assert_same_state(snapshot(other), snapshot(model))  # every slot, mask and the head, bit for bit
     with torch.no_grad():
-        assert torch.equal(other(X), model(X))  # bit-for-bit outputs
-    # inactive slots are zero after loading
-    for _, layer in elalora.adapter_layers(other):
-        assert not layer.lora_Q[layer.active_rank:].any()
+        assert torch.equal(other(X), model(X))
 
 
 def test_load_into_plain_base_injects_from_saved_config(tmp_path):
@@ -196,7 +192,7 @@ def _expect_untouched(model, directory, match, **kw):
 
 
 def _rewrite_weights(directory, edit):
-    path = directory / "adapter_model.safetensors"
+    path = directory / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()  # keeps the save id: a consistent but wrong save
     tensors = load_file(str(path))
@@ -227,7 +223,7 @@ def test_mismatches_raise_and_leave_model_untouched(tmp_path):
         ("missing", lambda t: t.pop("layer.0.query.lora_Q"), "missing"),
         ("extra", lambda t: t.__setitem__("layer.0.query.bogus", torch.zeros(1)), "unexpected"),
         ("shape", lambda t: t.__setitem__("layer.0.query.lora_lam", torch.zeros(2)), "shape"),
-        ("dtype", lambda t: t.__setitem__("layer.0.query.lora_lam", torch.zeros(1, dtype=torch.int32)), "dtype"),
+        ("dtype", lambda t: t.__setitem__("layer.0.query.lora_lam", torch.zeros(6, dtype=torch.int32)), "dtype"),
     ]:
         d = tmp_path / label
         save_adapter(model, d, config=cfg)
@@ -239,21 +235,21 @@ def test_mismatches_raise_and_leave_model_untouched(tmp_path):
     save_adapter(model, d, config=cfg)
     other, _ = adapted(seed=4)
     save_adapter(other, tmp_path / "other", config=cfg)
-    (tmp_path / "other" / "adapter_model.safetensors").replace(d / "adapter_model.safetensors")
+    (tmp_path / "other" / WEIGHTS_NAME).replace(d / WEIGHTS_NAME)
     _expect_untouched(fresh, d, "files of different saves")
     # a damaged weights file
     d = tmp_path / "truncated"
     save_adapter(model, d, config=cfg)
-    data = (d / "adapter_model.safetensors").read_bytes()
-    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    data = (d / WEIGHTS_NAME).read_bytes()
+    (d / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
     _expect_untouched(fresh, d, "not a readable safetensors file")
 
     # rank out of range in the JSON
     d = tmp_path / "rank"
     save_adapter(model, d, config=cfg)
-    meta = json.loads((d / "adapter_config.json").read_text())
+    meta = json.loads((d / CONFIG_NAME).read_text())
     meta["layers"]["layer.0.query"]["rank"] = 9
-    (d / "adapter_config.json").write_text(json.dumps(meta))
+    (d / CONFIG_NAME).write_text(json.dumps(meta))
     _expect_untouched(fresh, d, "rank 9|shape")
 
     _expect_untouched(fresh, tmp_path / "nowhere", "not found")
@@ -311,7 +307,7 @@ def test_invalid_allocator_state_changes_nothing(tmp_path):
 
 
 def test_version_1_save_still_loads(tmp_path):
-    """A directory written by elalora before save ids (files paired by SHA-256) loads as before."""
+    """A directory of the earlier layout (elalora's format under PEFT's names, files paired by SHA-256) loads."""
     model, cfg = adapted()
     fresh = Toy(seed=0)
     elalora.inject(fresh, config(seed=7))
@@ -328,8 +324,41 @@ def test_version_1_save_still_loads(tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(VERSION_1_SAVE, mixed)
     save_adapter(model, tmp_path / "new", config=cfg)
-    shutil.copy(tmp_path / "new" / "adapter_model.safetensors", mixed / "adapter_model.safetensors")
+    shutil.copy(tmp_path / "new" / WEIGHTS_NAME, mixed / "adapter_model.safetensors")
     _expect_untouched(Toy(seed=0), mixed, "files of different saves")
+
+    # saved again, it is in the present layout
+    resaved = tmp_path / "resaved"
+    shutil.copytree(VERSION_1_SAVE, resaved)
+    save_adapter(fresh, resaved, allocator=alloc)
+    assert json.loads((resaved / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    again = Toy(seed=0)
+    load_adapter(again, resaved)
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "not an object"])
+def test_damaged_config_json_is_a_load_error_naming_the_file(tmp_path, damage):
+    model, cfg = adapted()
+    alloc = elalora.RankAllocator(model, cfg)
+    for name in (CONFIG_NAME, "allocator.json"):
+        d = tmp_path / damage / name
+        save_adapter(model, d, allocator=alloc)
+        text = (d / name).read_text()
+        damaged = {"truncated": text[: len(text) // 2], "garbled": "\x00{]" + text, "not an object": "[1, 2]"}
+        (d / name).write_text(damaged[damage])
+        fresh = Toy(seed=0)
+        elalora.inject(fresh, cfg)
+        with pytest.raises(AdapterLoadError, match=f"{name}.*(JSON|not an)"):
+            load_adapter(fresh, d, allocator=elalora.RankAllocator(fresh, cfg))
+
+
+def test_a_peft_adapter_without_elalora_state_says_what_loads_it(tmp_path):
+    model, _ = adapted()
+    elalora.export_peft_lora(model, tmp_path)
+    with pytest.raises(AdapterLoadError, match="PeftModel.from_pretrained"):
+        load_adapter(Toy(seed=0), tmp_path)
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
 
 import elalora  # noqa: E402
-from elalora.io import WEIGHTS_NAME, AdapterLoadError  # noqa: E402
+from elalora.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError  # noqa: E402
 
 import _tiny_hf as tiny  # noqa: E402
 
@@ -57,8 +57,8 @@ def test_round_trip_onto_a_fresh_base_model_is_exact(tmp_path, family, auto, tas
     model = trained(family, auto, task)
     expected = logits(model)
     elalora.save_pretrained(model, tmp_path)
-    assert files(tmp_path) == ["adapter_config.json", WEIGHTS_NAME]
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert files(tmp_path) == ["adapter_config.json", "adapter_model.safetensors", CONFIG_NAME, WEIGHTS_NAME]
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["base_model"]["model_type"] == family
     saved = set(load_file(str(tmp_path / WEIGHTS_NAME)))
     assert all(".lora_" in k or k.startswith("extra.") for k in saved)  # no base weight
@@ -67,10 +67,14 @@ def test_round_trip_onto_a_fresh_base_model_is_exact(tmp_path, family, auto, tas
     fresh = tiny.model(family, auto=auto, seed=0)  # same base weights, fresh random head
     loaded = elalora.from_pretrained(fresh, tmp_path)
     assert loaded is fresh
+    assert not any(p.requires_grad for p in fresh.parameters())  # for inference by default, as in PEFT
     torch.testing.assert_close(logits(fresh), expected, rtol=0, atol=0)
     assert {n: l.active_rank for n, l in elalora.adapter_layers(fresh)} == {
         n: l.active_rank for n, l in elalora.adapter_layers(model)}
     assert fresh.elalora_config == model.elalora_config
+    trainable = elalora.from_pretrained(tiny.model(family, auto=auto, seed=0), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _state(model):
@@ -94,14 +98,14 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing config", r"adapter_config.json not found"),
-    ("missing weights", r"adapter_model.safetensors not found"),
+    ("missing config", r"PEFT LORA adapter but no elalora_config.json"),
+    ("missing weights", r"elalora_model.safetensors not found"),
     ("truncated weights", r"not a readable safetensors file"),
 ])
 def test_missing_or_truncated_file_is_rejected(tmp_path, damage, message):
     elalora.save_pretrained(trained("bert", AutoModelForSequenceClassification, "SEQ_CLS"), tmp_path)
     if damage == "missing config":
-        os.remove(tmp_path / "adapter_config.json")
+        os.remove(tmp_path / CONFIG_NAME)
     elif damage == "missing weights":
         os.remove(tmp_path / WEIGHTS_NAME)
     else:
@@ -160,12 +164,14 @@ def test_print_trainable_parameters(capsys):
     active = capacity // 2
     head = sum(p.numel() for p in model.classifier.parameters())
     counts = elalora.model.parameter_counts(model)
-    assert counts == {"trainable": capacity + head, "total": total + capacity,
-                      "adapter_active": active, "adapter_capacity": capacity}
+    # LoRA's figure at the active ranks (r·(in + out), plus λ), the idle slots apart
+    assert counts == {"trainable": active + head, "total": total + active, "adapter_active": active,
+                      "spare": capacity - active}
     elalora.print_trainable_parameters(model)
     out = capsys.readouterr().out
-    assert f"trainable params: {capacity + head:,} || all params: {total + capacity:,}" in out
-    assert f"{active:,} active of {capacity:,} allocated" in out
+    assert f"trainable params: {active + head:,} || all params: {total + active:,}" in out
+    assert f"spare slots (allocated up to r_max, not counted above): {capacity - active:,} params" in out
+    assert f"optimizer state with Adam: {2 * (capacity - active):,} values" in out
 
 
 MINILM_SCRIPT = """
