@@ -34,6 +34,31 @@ def test_default_targets_adapt_attention_and_mlp_and_keep_outputs(family):
     torch.testing.assert_close(after, before, rtol=0, atol=0)  # λ = 0: exact at initialisation
 
 
+@pytest.mark.parametrize("family", sorted(tiny.CONFIGS))
+def test_every_family_forwards_base_plus_delta_w(family):
+    """With λ ≠ 0 every adapted layer must compute x (W + ΔW)ᵀ: checked against the same model, un-injected,
+    whose weights get ΔW = s·P diag(λ) Q of the active slots added by hand (a Conv1D stores W as [in, out])."""
+    model, reference = tiny.model(family), tiny.model(family)
+    ids = tiny.input_ids()
+    extra = {"decoder_input_ids": ids} if family == "t5" else {}
+    elalora.inject(model, elalora.ElaLoRAConfig(r=2, r_max=4))
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, elalora.ElaLoRALinear)]
+    assert len(adapted) == tiny.ADAPTED_PER_MODEL[family]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, layer in adapted:
+            layer.lora_lam.copy_(torch.randn(layer.r_max, generator=gen))  # spare slots too: they must not count
+            r = layer.active_rank
+            delta = layer.scale * (layer.lora_P[:, :r].double() * layer.lora_lam[:r].double()) @ layer.lora_Q[:r].double()
+            weight = reference.get_submodule(name).weight
+            weight += (delta.t() if layer.fan_in_fan_out else delta).to(weight.dtype)
+        out = model(input_ids=ids, **extra).last_hidden_state
+        expected = reference(input_ids=ids, **extra).last_hidden_state
+        base = tiny.model(family)(input_ids=ids, **extra).last_hidden_state
+    assert (expected - base).abs().max() > 1e-2  # ΔW moves the output: the check below can see the adapter
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_architecture_lists_its_linear_layers():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"no default targets.*linear layers include \['0', '2'\]"):
