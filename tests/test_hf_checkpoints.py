@@ -14,59 +14,23 @@ import torch
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
 
 import elalora  # noqa: E402
-from elalora.integrations import ElaLoRACallback  # noqa: E402
 
 import _tiny_hf as tiny  # noqa: E402
+from _trainer_run import SAVE_EVERY, STEPS, train  # noqa: E402
+from _trainer_run import hub as _hub  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("bert", AutoModelForSequenceClassification, "SEQ_CLS"), ("gpt2", AutoModelForCausalLM, "CAUSAL_LM")]
-STEPS, SAVE_EVERY = 12, 6
 # PEFT adds x·Aᵀ·Bᵀ to the base output where we add s·((x Qᵀ) ⊙ λ) Pᵀ: float32 rounding of either order
 LOGITS_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
 def hub(tmp_path, family, auto):
-    """A tiny random model saved to a folder: the 'hub' name its adapters record as their base."""
-    folder = tmp_path / f"hub-{family}"
-    if not folder.is_dir():
-        tiny.model(family, auto=auto, seed=0).save_pretrained(folder)
-    return folder
-
-
-def dataset(task, n=48):
-    ids = tiny.input_ids(batch=n, length=8, seed=1)
-    labels = (ids[:, 0] > 32).long() if task == "SEQ_CLS" else ids
-    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
-def train(base, out, auto, task, stop_at=None, resume=None):
-    model = auto.from_pretrained(base)
-    config = elalora.ElaLoRAConfig(r=2, r_max=4, task_type=task, t_init=2, t_final=3, mask_interval=2, b=2, k=1)
-    model = elalora.inject(model, config)
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=2e-2,
-        save_strategy="steps", save_steps=SAVE_EVERY, report_to="none", use_cpu=True, seed=0, data_seed=0,
-        disable_tqdm=True, dataloader_num_workers=0, logging_steps=SAVE_EVERY,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(task),
-                      callbacks=[StopAt(stop_at)] if stop_at else [])
-    callback = ElaLoRACallback(config, write_run_record=False).attach(trainer)
-    trainer.train(resume_from_checkpoint=resume)
-    return model.eval(), trainer, callback
+    return _hub(tmp_path / f"hub-{family}", family, auto)
 
 
 def logits(model):
@@ -87,9 +51,10 @@ def test_transformers_alone_loads_checkpoints_and_save_model_folders(tmp_path, f
         torch.testing.assert_close(logits(plain), expected, **LOGITS_TOLERANCE)
         served = peft.PeftModel.from_pretrained(auto.from_pretrained(base), folder).eval()
         torch.testing.assert_close(logits(served), expected, **LOGITS_TOLERANCE)
-        ours = elalora.from_pretrained(None, folder)  # the base from the saved name, frozen, exact
-        assert not any(p.requires_grad for p in ours.parameters())
-        torch.testing.assert_close(logits(ours.eval()), expected, rtol=0, atol=0)
+        for name in (None, str(base)):  # the base from the saved name, or from one given; frozen; exact
+            ours = elalora.from_pretrained(name, folder)
+            assert not any(p.requires_grad for p in ours.parameters())
+            torch.testing.assert_close(logits(ours.eval()), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family, auto, task", CASES)
