@@ -11,7 +11,6 @@ EMAs and optimizer state with it.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import operator
@@ -145,16 +144,11 @@ class RankAllocator:
         sharded = any(fsdp.is_sharded(p) for p in self.params)
         self._shards = fsdp.AdapterShards(self.layers, self.params) if sharded else None
         shards = [fsdp.local(p) for p in self.params]
-        offsets = _aligned_offsets(shards)
-        total = offsets[-1]
         device = devices.pop()
-        # Two flat float32 buffers hold every EMA; per-tensor views index into them.
-        self.ema_ipt = torch.zeros(total, dtype=torch.float32, device=device)
-        self.ema_unc = torch.zeros(total, dtype=torch.float32, device=device)
-        self._ipt_views = _views(self.ema_ipt, shards, offsets)
-        self._unc_views = _views(self.ema_unc, shards, offsets)
-        # Launch tables built once for these EMA views (rebuilt only when a weight's or grad's storage moves).
-        self._score_plan = elalora_kernels.ScoreEmaPlan(self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2)
+        self.ema_ipt, self._ipt_views = flat_emas(shards, device)
+        self.ema_unc, self._unc_views = flat_emas(shards, device)
+        # The per-step update of these EMAs (benchmarks set its `launcher` to time the host work alone).
+        self.score_plan = elalora_kernels.ScoreEmaPlan(self._ipt_views, self._unc_views, self.config.beta1, self.config.beta2)
         self._nonfinite_seen = 0  # non-finite elements counted and already brought to the host
 
     # ------------------------------------------------------------ each step
@@ -171,15 +165,13 @@ class RankAllocator:
         info = StepInfo(t=t, phase=phase(t, self.config), skipped=optimizer_skipped)
         if optimizer_skipped:
             return info
-        if any(layer.merged for layer in self.layers):
+        if any(map(_MERGED, self.layers)):  # C-level: no Python work per layer in a step
             raise RuntimeError("RankAllocator.step: unmerge the adapters before training")
         if info.phase != Phase.STABLE:
             if self._shards is None:
-                weights = self.params
-                grads = _grads(self.params)
+                nonfinite = self.score_plan.update(self.params)  # reads the grads itself (on a GPU, in C++)
             else:
-                weights, grads = self._shards.weights_and_grads(self.params)
-            nonfinite = self._score_plan.update(weights, grads)
+                nonfinite = self.score_plan.update(*self._shards.weights_and_grads(self.params))
             if nonfinite is None:  # on the device: read when asked, and at rounds (which sync anyway)
                 info._nonfinite = self._read_device_nonfinite
             else:
@@ -195,7 +187,7 @@ class RankAllocator:
         return info
 
     def _read_device_nonfinite(self) -> int:
-        count = self._score_plan.read_nonfinite()
+        count = self.score_plan.read_nonfinite()
         self._nonfinite_seen += count
         return count
 
@@ -365,15 +357,7 @@ class RankAllocator:
             )
 
 
-_GRAD = operator.attrgetter("grad")
-
-
-def _grads(params: list[Tensor]) -> list[Tensor]:
-    """Every param's grad, zeros where there is none; C-level loops (a Python loop over 672 grads costs 2x)."""
-    grads = list(map(_GRAD, params))
-    if any(map(operator.is_, itertools.repeat(None), grads)):  # never `None in grads`: that compares tensors
-        grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
-    return grads
+_MERGED = operator.attrgetter("merged")
 
 
 def _warn_nonfinite(count: int, when: str) -> None:
@@ -419,6 +403,14 @@ def _aligned_offsets(params: list[Tensor]) -> list[int]:
 
 def _views(flat: Tensor, params: list[Tensor], offsets: list[int]) -> list[Tensor]:
     return [flat[start : start + p.numel()].view(p.shape) for p, start in zip(params, offsets)]
+
+
+def flat_emas(params: list[Tensor], device) -> tuple[Tensor, list[Tensor]]:
+    """One flat float32 buffer of zeros for an EMA of every tensor, and the per-tensor views into it
+    (each starting 16-byte aligned): the allocator's layout, which benchmarks reproduce."""
+    offsets = _aligned_offsets(params)
+    flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+    return flat, _views(flat, params, offsets)
 
 
 def _swap(tensor: Tensor, dim: int, i: int, j: int) -> None:

@@ -95,6 +95,12 @@ def score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2) -> int:
     return _module(params[0].device).score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2)
 
 
+def score_ema_launch_plan(ema_ipt, ema_unc, launcher=None):
+    """The backend's plan for updating these EMAs every step, or None where its update is per call."""
+    plan = getattr(_module(ema_ipt[0].device), "LaunchPlan", None)
+    return plan(ema_ipt, ema_unc, launcher) if plan is not None else None
+
+
 def rank_scores(ipt, unc):
     return _module(ipt[0][0].device).rank_scores(ipt, unc)
 

@@ -5,7 +5,8 @@ when ``ELALORA_BACKEND=triton``). Under ``TRITON_INTERPRET=1`` the same kernels
 run on CPU tensors, which is how CI proves them without a GPU.
 
 * ``adapter_linear``   — fused adapter forward + hand-written backward (``adapter_linear.py``)
-* ``score_ema_update`` — every adapter tensor in one launch (``score_ema.py``)
+* ``score_ema_update`` — every adapter tensor in one launch (``score_ema.py``); ``LaunchPlan``, the
+  allocator's per-step version of it
 * ``rank_scores``      — every matrix in one launch (``rank_scores.py``)
 * ``orth_penalty``     — the batched torch version of :mod:`elalora_kernels.batched`
   (a few batched matmuls per distinct shape; cuBLAS is the right tool there)
@@ -14,10 +15,11 @@ from elalora_kernels.batched import orth_penalty
 
 from .adapter_linear import AdapterLinearFunction, adapter_linear
 from .rank_scores import rank_scores
-from .score_ema import score_ema_update, score_ema_update_async
+from .score_ema import LaunchPlan, score_ema_update, score_ema_update_async
 
 __all__ = [
     "AdapterLinearFunction",
+    "LaunchPlan",
     "adapter_linear",
     "orth_penalty",
     "rank_scores",

@@ -8,10 +8,9 @@ Layout (the ``multi_tensor_apply`` idea with a device pointer table):
 
 One program updates ``BLOCK`` consecutive elements of one tensor: one read of
 w, g, Ī, Ū and one write of Ī, Ū per element. Both tables are cached: the block
-table per tuple of sizes, the pointer table per tuple of addresses (rebuilt
-only when an address changes, e.g. when grads are re-allocated after
-``zero_grad(set_to_none=True)``). The allocator's per-step update goes through
-:class:`LaunchPlan` instead, which owns its tables and skips that per-call work.
+table per tuple of sizes, the pointer table per tuple of addresses. The
+allocator's per-step update goes through :class:`LaunchPlan` instead, which
+owns its tables and keeps the pointer table current from C++.
 When every address is 16-byte aligned the kernel is told so, and the compiler
 emits 16-byte vector loads.
 
@@ -28,6 +27,7 @@ times both, so the faster one can be made the default from a measurement).
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from collections import OrderedDict
 from typing import Sequence
@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from elalora_kernels import reference
+from elalora_kernels import _extension, reference
+from elalora_kernels._grads import grads_of
 
 from . import _common
 from ._common import TL_DTYPE, interpreting
@@ -229,14 +230,22 @@ def launch(plan: _Plan, count: Tensor, beta1: float, beta2: float) -> None:
 class LaunchPlan:
     """The update of one fixed list of EMA tensors (the allocator's), planned once.
 
-    The launch tables are built at the first step and rebuilt only when the
-    address of a weight or gradient changes (e.g. gradients re-allocated after
-    ``zero_grad(set_to_none=True)`` without the caching allocator handing back
-    the same blocks). In the steady state a step reads the addresses, compares
-    them and launches: no host-to-device copy, no allocation and no sync, so
-    it can be captured in a CUDA graph. Non-finite elements accumulate in the
-    int32 device counter ``count`` until someone reads it (:meth:`read_count`).
+    The first step fixes the rows of one device pointer table (grouped by dtype,
+    one launch per group) and its block tables. Every step then refreshes the
+    table: ``elalora_kernels._C.PointerTable`` reads each weight's ``.grad`` in
+    C++, compares the addresses and, only when one moved (as after
+    ``zero_grad(set_to_none=True)``), uploads the table with one asynchronous
+    copy — no per-tensor Python work, no sync. Non-finite elements accumulate in
+    the int32 device counter ``count`` until someone reads it (:meth:`read_count`).
     ``launcher`` is the function that launches (a stub measures host time).
+
+    CUDA graphs: a captured step replays the table as it was uploaded, and the
+    table holds no reference to the gradients (that would move the freeing of
+    the last step's gradients into this one). A replay is therefore correct
+    exactly while every parameter keeps the gradient tensor the table points
+    at: gradients kept with ``zero_grad(set_to_none=False)``, or the backward
+    captured in the same graph (its memory pool gives every replay the same
+    addresses). :meth:`current` says whether that holds now.
     """
 
     def __init__(self, ema_ipt: Sequence[Tensor], ema_unc: Sequence[Tensor], launcher=None) -> None:
@@ -244,19 +253,37 @@ class LaunchPlan:
         self.device = self.ema_ipt[0].device
         self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.launcher = launcher or launch
-        self.rebuilds = 0
-        self._addresses: list[int] | None = None
-        self._plans: list[_Plan] | None = None  # None: a layout the kernel does not take (generic path)
+        self._table = None  # the PointerTable, made at the first step; None: a layout the kernel does not take
+        self._plans: list[_Plan] = []
+        self._planned = False
 
-    def update(self, weights: Sequence[Tensor], grads: Sequence[Tensor], beta1: float, beta2: float) -> None:
-        addresses = list(map(Tensor.data_ptr, weights))
-        addresses += map(Tensor.data_ptr, grads)
-        if addresses != self._addresses:
-            self._rebuild(weights, grads, addresses)
-        if self._plans is None:
+    @property
+    def rebuilds(self) -> int:
+        """How many times the device pointer table was written."""
+        return self._table.uploads if self._table is not None else 0
+
+    @property
+    def aligned(self) -> bool:
+        return self._table is not None and self._table.aligned
+
+    def current(self) -> bool:
+        """Whether the device table points at every weight's present ``.grad`` (a graph replay is then correct)."""
+        return self._table is not None and self._table.current()
+
+    def update(self, weights: Sequence[Tensor], grads: Sequence[Tensor] | None, beta1: float, beta2: float) -> None:
+        """One step; ``grads=None`` reads each weight's ``.grad`` (the weights of the first step)."""
+        if not self._planned:
+            self._plan_rows(weights)
+        status = -1
+        if self._table is not None:
+            status = self._table.refresh() if grads is None else self._table.refresh_with(list(weights), list(grads))
+        if status < 0:  # a layout the kernel does not take: correct, not fast
+            grads = grads if grads is not None else grads_of(weights)
             self.count += score_ema_update_async(weights, grads, self.ema_ipt, self.ema_unc, beta1, beta2)
             return
+        aligned = self._table.aligned
         for plan in self._plans:
+            plan.aligned = aligned
             self.launcher(plan, self.count, beta1, beta2)
 
     def read_count(self) -> int:
@@ -265,20 +292,73 @@ class LaunchPlan:
         self.count.zero_()
         return n
 
-    def _rebuild(self, weights, grads, addresses) -> None:
-        if not (len(weights) == len(grads) == len(self.ema_ipt)):
-            raise ValueError(
-                f"score_ema LaunchPlan: {len(weights)} weights and {len(grads)} grads for {len(self.ema_ipt)} EMA tensors"
-            )
-        quads = [tuple(t.detach() for t in q) for q in zip(weights, grads, self.ema_ipt, self.ema_unc)]
-        quads = [q for q in quads if q[0].numel()]
-        groups: dict[tuple, list] = {}
-        for q in quads:
-            groups.setdefault((q[0].dtype, q[1].dtype), []).append(q)
-        usable = bool(quads) and all(_kernel_ok(*q) and q[0].device == self.device for q in quads)
-        self._plans = [_build_plan(group) for group in groups.values()] if usable else None
-        self._addresses = addresses
-        self.rebuilds += 1
+    def _plan_rows(self, weights: Sequence[Tensor]) -> None:
+        self._planned = True
+        if len(weights) != len(self.ema_ipt):
+            raise ValueError(f"score_ema LaunchPlan: {len(weights)} weights for {len(self.ema_ipt)} EMA tensors")
+        rows = [k for k, w in enumerate(weights) if w.numel()]
+        if not rows or not all(
+            _kernel_ok(weights[k], weights[k], self.ema_ipt[k], self.ema_unc[k]) and weights[k].device == self.device
+            for k in rows
+        ):
+            return
+        rows.sort(key=lambda k: str(weights[k].dtype))  # stable: each dtype's rows form one slice of the table
+        table = torch.zeros((len(rows), 4), dtype=torch.int64, device=self.device)
+        self._table = pointer_table(list(weights), self.ema_ipt, self.ema_unc, rows, table)
+        start = 0
+        for dtype, members in itertools.groupby(rows, key=lambda k: weights[k].dtype):
+            numels = tuple(weights[k].numel() for k in members)
+            plan = _Plan()
+            plan.numels, plan.blocks = _block_tables(numels, self.device)
+            plan.nblocks = plan.blocks.shape[0]
+            plan.ptrs = table[start : start + len(numels)]
+            plan.w_torch_dtype = plan.g_torch_dtype = dtype
+            plan.w_dtype = plan.g_dtype = TL_DTYPE[dtype]
+            plan.device = self.device
+            self._plans.append(plan)
+            start += len(numels)
+
+
+def pointer_table(params, ema_ipt, ema_unc, rows, table):
+    """``elalora_kernels._C.PointerTable`` (``csrc/pointer_table.cpp``), or its Python stand-in without the extension."""
+    ext = _extension.load()
+    if ext is not None:
+        return ext.PointerTable(params, ema_ipt, ema_unc, rows, table)
+    return _PythonPointerTable(params, ema_ipt, ema_unc, rows, table)
+
+
+class _PythonPointerTable:
+    """What ``csrc/pointer_table.cpp`` does, where the extension is not built: it visits every tensor in Python."""
+
+    def __init__(self, params, ema_ipt, ema_unc, rows, table):
+        self.params, self.rows, self.table = params, rows, table
+        self.emas = [(ema_ipt[k], ema_unc[k]) for k in rows]
+        self.dtypes = [params[k].dtype for k in rows]
+        self.addresses: list[int] | None = None
+        self.aligned = False
+        self.uploads = 0
+
+    def refresh(self) -> int:
+        return self.refresh_with(self.params, grads_of(self.params))
+
+    def current(self) -> bool:
+        ws, gs = [self.params[k] for k in self.rows], [self.params[k].grad for k in self.rows]
+        return self.addresses == [t.data_ptr() if t is not None else -1 for pair in zip(ws, gs) for t in pair]
+
+    def refresh_with(self, weights, grads) -> int:
+        ws, gs = [weights[k] for k in self.rows], [grads[k] for k in self.rows]
+        if not all(w.is_contiguous() and g.is_contiguous() and w.dtype == d == g.dtype and w.device == g.device
+                   and g.numel() == w.numel() for w, g, d in zip(ws, gs, self.dtypes)):
+            return -1
+        addresses = [t.data_ptr() for pair in zip(ws, gs) for t in pair]
+        if addresses == self.addresses:
+            return 0
+        self.addresses = addresses
+        rows = [(w.data_ptr(), g.data_ptr(), i.data_ptr(), u.data_ptr()) for w, g, (i, u) in zip(ws, gs, self.emas)]
+        self.aligned = all(a % 16 == 0 for row in rows for a in row)
+        self.table.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
+        self.uploads += 1
+        return 1
 
 
 def score_ema_update_async(
