@@ -113,9 +113,10 @@ def _rows_times_rank_matrix(
 
 # Ints that change at run time (N, the rank, tile counts, strides that follow the
 # rank) are not specialised: Triton would otherwise recompile when one of them
-# becomes 1 or changes its divisibility by 16. Layer sizes and strides that do
-# not move keep their specialisation (alignment of the big loads).
-@triton.jit(do_not_specialize=["N", "R", "TILES_PER_PROG"])
+# becomes 1 or changes its divisibility by 16. P's row stride is r_max for the
+# layer's slice P[:, :r] but r for the copy autocast casts it to. Layer sizes and
+# strides that do not move keep their specialisation (alignment of the big loads).
+@triton.jit(do_not_specialize=["N", "R", "stride_po", "TILES_PER_PROG"])
 def _fwd_kernel(
     x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, y_ptr, xq_ptr,
     N, IN, OUT, R,
@@ -157,7 +158,7 @@ def _fwd_kernel(
         tl.store(y_ptrs, _cast(upd, y_ptr.dtype.element_ty, UPCAST), mask=m)
 
 
-@triton.jit(do_not_specialize=["N", "R", "TILES_PER_PROG"])
+@triton.jit(do_not_specialize=["N", "R", "stride_po", "TILES_PER_PROG"])
 def _bwd_dx_kernel(
     g_ptr, p_ptr, q_ptr, lam_ptr, act_ptr, xq_ptr, u_ptr, dlam_ptr, dx_ptr,
     N, IN, OUT, R,

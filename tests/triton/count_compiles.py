@@ -1,12 +1,14 @@
 """Count the Triton compilations the adapter kernels would need as ranks and N move — no GPU needed.
 
-Every launch of the real launch helpers is intercepted: its cache key is
-computed with the binder Triton builds for an sm_90 target (the key that
-decides whether ``JITFunction.run`` compiles) and the launch is skipped. A
-round changes the active rank, a new batch changes N; neither may need a new
-compilation while the rank stays within one power-of-two rank block. Run with
-TRITON_INTERPRET unset (a subprocess of tests/triton/test_no_recompile.py);
-prints the distinct keys per kernel as JSON.
+Every launch is intercepted: its cache key is computed with the binder Triton
+builds for an sm_90 target (the key that decides whether ``JITFunction.run``
+compiles) and the launch is skipped. A layer's forward and backward go through
+the dispatch layer, as in training, with float32 weights, plain and under bf16
+autocast (which casts the slices ``P[:, :r]``, λ and Q to copies whose strides
+follow r). A round changes the active rank, a new batch changes N; neither may
+need a new compilation while the rank stays within one power-of-two rank block.
+Run with TRITON_INTERPRET unset (a subprocess of tests/triton/test_no_recompile.py);
+prints the distinct keys per kernel, per mode, as JSON.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature  # noqa: E402
 
+import elalora_kernels  # noqa: E402
+
 al = importlib.import_module("elalora_kernels.triton.adapter_linear")
 BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 keys: dict[str, set] = defaultdict(set)
@@ -34,16 +38,21 @@ def record(self, *args, grid, warmup, **kwargs):
 
 
 JITFunction.run = record
+al.check_device = lambda *tensors: None  # CPU tensors stand in for CUDA ones: no kernel runs
 
 IN, OUT, R_MAX = 96, 80, 32
 weight = torch.zeros(OUT, IN)
-P_full, lam_full, Q_full = torch.zeros(OUT, R_MAX), torch.zeros(R_MAX), torch.zeros(R_MAX, IN)
+P_full, lam_full, Q_full = (torch.zeros(s, requires_grad=True) for s in ((OUT, R_MAX), (R_MAX,), (R_MAX, IN)))
 active_full = torch.ones(R_MAX, dtype=torch.bool)
-for n in (123, 64, 1000, 4097):  # N moves (all >= 32 rows: the row tile is then fixed)
-    for r in (17, 24, 31, 32):  # a round moves the active rank within one rank block
-        x = torch.zeros(n, IN)
-        g = torch.zeros(n, OUT)
-        P, lam, Q, active = P_full[:, :r], lam_full[:r], Q_full[:r], active_full[:r]
-        y, xq = al._fwd_op(x, None, weight, None, P, lam, Q, active, 2.0, True)
-        al._bwd_op(g, x, None, weight, P, lam, Q, active, xq, 2.0, True, False, True, True, True)
-print(json.dumps({name: len(k) for name, k in keys.items()}))
+counts = {}
+for mode in ("plain", "bf16 autocast"):
+    keys.clear()
+    for n in (123, 64, 1000, 4097):  # N moves (all >= 32 rows: the row tile is then fixed)
+        for r in (17, 24, 31, 32):  # a round moves the active rank within one rank block
+            x = torch.zeros(n, IN, requires_grad=True)
+            with elalora_kernels.use_backend("triton"), torch.autocast("cpu", torch.bfloat16, enabled=mode != "plain"):
+                y = elalora_kernels.adapter_linear(x, weight, None, P_full[:, :r], lam_full[:r], Q_full[:r],
+                                                   active_full[:r], 2.0)
+            y.backward(torch.zeros_like(y))
+    counts[mode] = {name: len(k) for name, k in keys.items()}
+print(json.dumps(counts))

@@ -18,8 +18,11 @@ from elalora_kernels import use_backend
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_rank_and_batch_changes_compile_each_kernel_once():
-    """Launch keys (what decides a compilation) across 4 batch sizes x 4 ranks of one rank block, sm_90 target."""
+    """Launch keys (what decides a compilation) across 4 batch sizes x 4 ranks of one rank block, sm_90 target,
+    with and without autocast."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "triton" / "count_compiles.py")],
@@ -28,7 +31,8 @@ def test_rank_and_batch_changes_compile_each_kernel_once():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     # _tn runs in two configurations (dP with the λ scaling, dQ without): two keys, never more
-    assert counts == {"_fwd_kernel": 1, "_bwd_dx_kernel": 1, "_tn_kernel": 2}
+    once = {"_fwd_kernel": 1, "_bwd_dx_kernel": 1, "_tn_kernel": 2}
+    assert counts == {"plain": once, "bf16 autocast": once}
 
 
 @use_backend("triton")
