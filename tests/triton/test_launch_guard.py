@@ -21,6 +21,26 @@ se = importlib.import_module("elalora_kernels.triton.score_ema")
 rs = importlib.import_module("elalora_kernels.triton.rank_scores")
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal by type and resolved index: ``cuda`` is the current CUDA device (``cuda:0`` != ``cuda`` in torch)."""
+
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+
+    return a.type == b.type and index(a) == index(b)
+
+
+def test_device_comparison_resolves_the_index():
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1)
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    assert same_device(cuda, torch.device("cuda", current)) and same_device(torch.device("cuda", current), cuda)
+    assert same_device(cuda0, cuda0) and not same_device(cuda0, cuda1)
+    assert same_device(cuda, cuda1) == (current == 1)
+    assert not same_device(torch.device("cpu"), cuda0) and same_device(torch.device("cpu"), torch.device("cpu"))
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Records (kernel name, device of the enclosing guard or None) for every launch."""
@@ -62,7 +82,7 @@ def test_every_launch_is_guarded_with_the_tensors_device(device, launches):
 
     names = {name for name, _ in launches}
     assert {"_fwd_kernel", "_bwd_dx_kernel", "_tn_kernel", "_score_ema_kernel", "_rank_scores_kernel"} <= names
-    unguarded = [name for name, dev in launches if dev != device]
+    unguarded = [name for name, dev in launches if dev is None or not same_device(dev, device)]
     assert not unguarded, f"launched outside a guard for {device}: {unguarded}"
 
 
