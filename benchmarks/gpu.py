@@ -49,8 +49,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on CPU")
     ap.add_argument("--host-only", action="store_true", help="only the host time per allocator.step() (7B-class set)")
-    ap.add_argument("--json", default=None, help="results (default benchmarks/gpu_results.json; smoke: the temp dir)")
-    ap.add_argument("--table", default=None, help="also write the table as Markdown to this file")
+    ap.add_argument("--json", default=None, help="results (default benchmarks/gpu_results.json on a GPU, else the temp dir)")
+    ap.add_argument("--table", default=None, help="the table as Markdown (default: the JSON's path with .md)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--time-limit", type=float, default=420.0,
                     help="seconds; tasks not started by then are recorded as skipped (default 420)")
@@ -93,6 +93,7 @@ elif SMALL or not ON_GPU:  # not a GPU result: keep it out of the tree
     OUT = pathlib.Path(tempfile.gettempdir()) / "elalora_gpu_results_smoke.json"
 else:
     OUT = ROOT / "benchmarks" / "gpu_results.json"
+TABLE = pathlib.Path(ARGS.table) if ARGS.table else OUT.with_suffix(".md")
 if ON_GPU:
     DEVICE_NAME = torch.cuda.get_device_name()
 else:
@@ -159,8 +160,7 @@ def save() -> None:
         "checks": CHECKS, "timings": ROWS, "all_checks_ok": all(c["ok"] for c in CHECKS), "seconds": seconds,
     }
     OUT.write_text(json.dumps(results, indent=2, default=str))
-    if ARGS.table:
-        pathlib.Path(ARGS.table).write_text("\n".join(table_lines(seconds)) + "\n")
+    TABLE.write_text("\n".join(table_lines(seconds)) + "\n")
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -622,7 +622,7 @@ def main():
     save()
     seconds = time.perf_counter() - T_START
     ok = all(c["ok"] for c in CHECKS) and not STATUS["failed_tasks"]
-    print("\n" + "\n".join(table_lines(seconds)) + f"\n\nJSON: {OUT}")
+    print("\n" + "\n".join(table_lines(seconds)) + f"\n\nJSON: {OUT}\ntable: {TABLE}")
     if STATUS["failed_tasks"] or STATUS["skipped_tasks"]:
         print(f"failed tasks: {STATUS['failed_tasks']}\nskipped tasks: {STATUS['skipped_tasks']}")
     print(f"all correctness checks ok: {ok}")
