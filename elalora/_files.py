@@ -18,8 +18,9 @@ Until step 2 completes no final name has changed: the folder holds the old
 save. From then on the journal names a complete new save, and ``recover``
 (run by every reader and writer before it touches the folder) finishes steps
 3 that a killed writer left undone, so the folder holds the new save. Only a
-reader that skips ``recover`` (transformers, PEFT) can see the old and new
-files side by side, in the microseconds of step 3 of a writer killed there.
+reader that skips ``recover`` (transformers, PEFT) can see old and new files
+side by side: after a writer was killed during step 3, until an elalora reader
+or writer next opens the folder.
 """
 from __future__ import annotations
 
@@ -69,11 +70,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     _atomic_write(Path(path), _json_writer(data))
 
 
-def write_safetensors_atomic(path: str | Path, tensors: dict, metadata: Optional[dict] = None) -> None:
-    """Write tensors (moved to the CPU) via a temporary file and a rename."""
-    _atomic_write(Path(path), _safetensors_writer(tensors, metadata))
-
-
 def read_json(path: str | Path) -> Any:
     """The data of a JSON file; ``ValueError`` naming the file if it is truncated or garbled."""
     try:
@@ -105,7 +101,7 @@ def commit_files(directory: str | Path, files: SaveFiles, remove: tuple[str, ...
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     recover(directory)
-    for name in files.writers:  # temporary files of a writer killed before its commit point
+    for name in [*files.writers, JOURNAL]:  # temporary files of a writer killed before its commit point
         for stray in directory.glob(f".{name}.*.tmp"):
             stray.unlink(missing_ok=True)
     staged = {}
@@ -135,8 +131,10 @@ def recover(directory: str | Path) -> None:
         return
     plan = read_json(journal)
     for name, tmp in plan["rename"].items():
-        if (directory / tmp).exists():  # renamed already by the writer or another reader otherwise
+        try:
             os.replace(directory / tmp, directory / name)
+        except FileNotFoundError:  # renamed already, by the writer or another reader
+            pass
     for name in plan["remove"]:
         (directory / name).unlink(missing_ok=True)
     _sync_dir(directory)

@@ -160,6 +160,11 @@ class ElaLoRACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("ElaLoRACallback: the Trainer passed no model/optimizer to on_train_begin")
+        if self._trainer is None:
+            raise RuntimeError(
+                "ElaLoRACallback: not attached to its Trainer; call ElaLoRACallback(config).attach(trainer) "
+                "before trainer.train()"
+            )
         model = extract_model_from_parallel(model, keep_torch_compile=False)
         if not adapter_layers(model):
             raise ValueError(
@@ -172,11 +177,6 @@ class ElaLoRACallback(TrainerCallback):
                 f"t_init + t_final = {self.config.t_init} + {self.config.t_final}; lower them or train longer"
             )
         self._initial = {n: layer.active_rank for n, layer in adapter_layers(model)}
-        if self._trainer is None:
-            raise RuntimeError(
-                "ElaLoRACallback: not attached to its Trainer; call ElaLoRACallback(config).attach(trainer) "
-                "before trainer.train()"
-            )
         self.allocator = RankAllocator(model, self.config, optimizer=unwrap_optimizer(optimizer), total_steps=total)
         if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
             ckpt = self._resumed_checkpoint(args, state)
