@@ -17,7 +17,7 @@ $(STAMP): setup.py pyproject.toml MANIFEST.in $(wildcard csrc/*.cpp csrc/cuda/*)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m elalora demo
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -78,6 +78,9 @@ class Encoded:
         return {"input_ids": self.input_ids[index, :length], "attention_mask": mask[:, :length],
                 "labels": self.labels[index]}
 
+    def first(self, n: int) -> "Encoded":
+        return Encoded(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
+
     def majority_accuracy(self) -> float:
         """Accuracy of always predicting the more frequent label: what a model that did not learn scores."""
         positive = float(self.labels.float().mean())

@@ -109,8 +109,9 @@ def build(method: str, r: int, seed: int, steps: int) -> Run:
     elif method in ELALORA:
         from elalora import ElaLoRAConfig, RankAllocator, inject
 
-        cfg = ElaLoRAConfig(r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=TARGETS, task_type="SEQ_CLS",
-                            b=4, k=2, total_steps=steps, seed=seed, **schedule, **ELALORA[method])
+        fields = dict(r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=TARGETS, task_type="SEQ_CLS", b=4, k=2,
+                      total_steps=steps, seed=seed, **schedule)
+        cfg = ElaLoRAConfig(**{**fields, **ELALORA[method]})
         inject(model, cfg)  # the classifier is in modules_to_save and trains fully
         run = Run(model)
 
@@ -144,8 +145,9 @@ def run_one(spec: dict, data: dict, setup: dict) -> dict:
     run = build(method, r, seed, setup["steps"])
     row = dict(spec)
     if method in ("lora", "adalora"):
+        first = data["train"].batch(torch.arange(min(32, len(data["train"]))))
         with torch.no_grad():
-            row["loss_beyond_ce"] = loss_beyond_task_loss(run.model, data["train"].batch(torch.arange(32)))
+            row["loss_beyond_ce"] = loss_beyond_task_loss(run.model, first)
         if (method == "adalora") != (row["loss_beyond_ce"] > 1e-6):
             raise RuntimeError(f"{method}: the loss is not its authors' objective ({row['loss_beyond_ce']=})")
     result = harness.train(run.model, data["train"], steps=setup["steps"], batch_size=setup["batch_size"], lr=lr,
@@ -288,10 +290,10 @@ def work(jsonl: Path, setup: dict, tasks=None, methods=METHODS, limit: Optional[
 
 
 # ------------------------------------------------------------------ the tables
-def mean_std(values: list[float], digits: int = 3) -> str:
+def mean_std(values: list[float], digits: int = 3, sign: str = "") -> str:
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{statistics.mean(values):{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def final_runs(rows: list[dict], task: str, r: int, method: str) -> list[dict]:
@@ -342,7 +344,7 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                 learned = [row for row in runs if row["learned"]]
                 diffs = [row["test_accuracy"] - lora[row["seed"]] for row in learned if row["seed"] in lora]
                 delta = "" if method == "lora" or not diffs else (
-                    f"{mean_std([d * 100 for d in diffs], 1)} pts ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+                    f"{mean_std([d * 100 for d in diffs], 1, '+')} pts ({sum(d > 0 for d in diffs)}/{len(diffs)})")
                 failed = [f"s{row['seed']}" for row in runs if not row["learned"]]
                 lines.append(
                     f"| {r} | {NAMES[method]} | **{pick:g}** ({lr_cell}) | {len(runs)} | "
@@ -400,7 +402,7 @@ def capacity(rows: list[dict]) -> list[str]:
             capped = sum(len(row["passed_over"]) if cap == row["r_max"] else sum(p > cap for p in row["peak_ranks"])
                          for row in sel)
             cells.append(f"{capped} (cap {cap})")
-        lines.append(f"| {r} | {len(sel)} | {pairs} | {max(max(row['peak_ranks']) for row in sel)} | "
+        lines.append(f"| {r} | {len(sel)} runs | {pairs} | {max(max(row['peak_ranks']) for row in sel)} | "
                      + " | ".join(cells) + " |")
     return lines
 

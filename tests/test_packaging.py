@@ -1,5 +1,5 @@
 """Packaging, as a new user meets it: the sdist carries every source, the wheel built from it installs
-into a fresh virtual environment and runs outside the checkout (extension, training step, demo), the
+into a fresh virtual environment and runs outside the checkout (extension and a training step), the
 C++ source also builds without its x86-only AVX2 clone, the code's references to the algorithm
 document resolve, and a command whose extra is not installed says which one to install.
 
@@ -60,12 +60,12 @@ def sdist(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_sdist_carries_every_source_the_licence_and_the_demo_data(sdist):
+def test_sdist_carries_every_source_the_licence_and_the_data(sdist):
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     expected = {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in"}
     for pattern in ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "elalora/**/*.py", "elalora_kernels/**/*.py",
-                    "elalora/data/*", "examples/*.py", "docs/*.md"):
+                    "data/*", "examples/*.py", "benchmarks/*.py", "docs/*.md"):
         expected |= {p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
     assert any(name.startswith("csrc/cuda/") and name.endswith(".h") for name in expected)
     assert expected <= names, f"missing from the sdist: {sorted(expected - names)}"
@@ -115,8 +115,7 @@ def test_wheel_from_the_sdist_installs_and_runs_outside_the_checkout(sdist, tmp_
     (wheel,) = dist.glob("elalora-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    data = {f"elalora/data/{path.name}" for path in (ROOT / "elalora" / "data").iterdir()}
-    assert "elalora/data/movieReviewSnippets_GroundTruth.txt" in data and data <= names, sorted(data - names)
+    assert not [name for name in names if name.startswith(("data/", "benchmarks/", "examples/"))]  # library only
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     (shared_object,) = [name for name in names if name.startswith("elalora_kernels/_C.")]
     if CAN_SEE_CLONES:  # what ships carries the run-time-picked AVX2 clone
@@ -127,21 +126,16 @@ def test_wheel_from_the_sdist_installs_and_runs_outside_the_checkout(sdist, tmp_
     python = env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
          cwd=tmp_path)
-    # Reuse this environment's torch (and the demo's packages) rather than download them: a .pth
+    # Reuse this environment's torch rather than download it: a .pth
     # line puts their directory on the new environment's path, after its own site-packages.
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path)
     Path(purelib.stdout.strip(), "reuse_test_environment.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
 
     outside = tmp_path / "outside"
     outside.mkdir()
-    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ELALORA_NO_EXTENSION", "ELALORA_DATA")}
+    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ELALORA_NO_EXTENSION")}
     child_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     assert "installed wheel OK" in _run([str(python), "-c", INSTALLED_CHECK], cwd=outside, env=child_env).stdout
-
-    demo = [str(python), "-m", "elalora", "demo", "--steps", "3", "--train-size", "48", "--test-size", "32",
-            "--threads", "1", "--no-progress", "--out", "run"]
-    _run(demo, cwd=outside, env=child_env)
-    assert (outside / "run" / "run.json").is_file()
 
 
 @pytest.mark.slow
@@ -205,18 +199,16 @@ def test_every_algorithm_reference_names_a_section_of_docs_algorithm():
     assert cited >= 30
 
 
-@pytest.mark.parametrize("command,extra", [("demo", "demo"), ("plot", "plot")])
-def test_a_command_whose_extra_is_missing_names_it(monkeypatch, capsys, tmp_path, command, extra):
+def test_a_command_whose_extra_is_missing_names_it(monkeypatch, capsys, tmp_path):
     from elalora import cli
 
     real_find_spec = cli.importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
-    argv = [command, "--out", str(tmp_path / "run")] if command == "demo" else [command, str(tmp_path)]
-    assert cli.main(argv) == 2
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "plots")]) == 2
     err = capsys.readouterr().err
-    assert "matplotlib" in err and f"elalora[{extra}]" in err
-    assert not (tmp_path / "run").exists()
+    assert "matplotlib" in err and "elalora[plot]" in err
+    assert not (tmp_path / "plots").exists()
 
 
 
