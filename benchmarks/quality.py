@@ -235,9 +235,13 @@ def plan(rows: list[dict], tasks=None, methods=METHODS) -> list[dict]:
     return todo
 
 
+def claim_path(claims: Path, spec: dict) -> Path:
+    return claims / ("_".join(str(v) for v in run_key(spec)) + ".claim")
+
+
 def claim(claims: Path, spec: dict) -> bool:
     """Take a run for this worker: a claim file made with O_EXCL; a claim whose process is gone is taken over."""
-    path = claims / ("_".join(str(v) for v in run_key(spec)) + ".claim")
+    path = claim_path(claims, spec)
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -281,7 +285,7 @@ def work(jsonl: Path, setup: dict, tasks=None, methods=METHODS, limit: Optional[
             with open(jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         finally:
-            (claims / ("_".join(str(v) for v in run_key(spec)) + ".claim")).unlink(missing_ok=True)
+            claim_path(claims, spec).unlink(missing_ok=True)
         ran += 1
         print(f"{spec['task']:6s} r={spec['r']} {spec['method']:22s} lr={spec['lr']:g} seed={spec['seed']}: "
               f"val {row['val_final']:.4f} test {row['test_accuracy']:.4f} "
@@ -352,8 +356,20 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                     f"{mean_std([row['val_final'] for row in learned]) if learned else '–'} | "
                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
                     f"{', '.join(failed) or 'none'} |")
-    lines += curves(rows, setup) + costs(rows) + capacity(rows)
+    lines += objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
     return "\n".join(lines)
+
+
+def objectives(rows: list[dict]) -> list[str]:
+    """What each PEFT baseline's loss added to the cross-entropy on its first batch, as run_one checked it."""
+    lines = ["", "### Objectives, checked at the start of every run", ""]
+    for method, what in (("lora", "the plain cross-entropy"), ("adalora", "the cross-entropy plus PEFT's "
+                                                                        "orthogonality penalty (weight 0.5)")):
+        extra = [row["loss_beyond_ce"] for row in rows if row["method"] == method]
+        if extra:
+            lines.append(f"* {NAMES[method]}, {len(extra)} runs: loss − cross-entropy = {min(extra):.6f} … "
+                         f"{max(extra):.6f} on the first 32 training sentences: {what}.")
+    return lines
 
 
 def curves(rows: list[dict], setup: dict) -> list[str]:
@@ -389,9 +405,7 @@ def capacity(rows: list[dict]) -> list[str]:
     """How many (run, layer) pairs a cap would have turned away: a peak above a cap below the run's r_max,
     or a pass-over at the run's own r_max. A cap that no layer's peak exceeds never binds: the allocator
     would have taken the same decisions (up to rounding)."""
-    lines = ["", "### Capacity: layers an r_max would have capped (ElaLoRA runs with reallocation on)", "",
-             "| r | runs | layers × runs | highest rank reached | capped at ⌈1.25 r⌉ | capped at ⌈1.5 r⌉ | "
-             "capped at 2r |", "|---|---|---|---|---|---|---|"]
+    body = []
     for r in RANKS:
         sel = [row for row in rows if row["r"] == r and row["method"] in ELALORA and ELALORA[row["method"]].get("b") != 0]
         if not sel:
@@ -402,9 +416,13 @@ def capacity(rows: list[dict]) -> list[str]:
             capped = sum(len(row["passed_over"]) if cap == row["r_max"] else sum(p > cap for p in row["peak_ranks"])
                          for row in sel)
             cells.append(f"{capped} (cap {cap})")
-        lines.append(f"| {r} | {len(sel)} runs | {pairs} | {max(max(row['peak_ranks']) for row in sel)} | "
-                     + " | ".join(cells) + " |")
-    return lines
+        body.append(f"| {r} | {len(sel)} runs | {pairs} | {max(max(row['peak_ranks']) for row in sel)} | "
+                    + " | ".join(cells) + " |")
+    if not body:
+        return []
+    return ["", "### Capacity: layers an r_max would have capped (ElaLoRA runs with reallocation on)", "",
+            "| r | runs | layers × runs | highest rank reached | capped at ⌈1.25 r⌉ | capped at ⌈1.5 r⌉ | "
+            "capped at 2r |", "|---|---|---|---|---|---|---|", *body]
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:

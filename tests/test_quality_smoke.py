@@ -21,6 +21,8 @@ def _row(method, lr, seed, val, test, task="movies", r=8, majority=0.52, peaks=(
                val_curve={str(t): val for t in quality.SETUP["eval_at"]}, test_accuracy=test, test_majority=majority,
                learned=test > majority + quality.DID_NOT_LEARN, adapter_params=1, trainable_params=1,
                optimizer_state_bytes=1, train_cpu_seconds=1.0, setup=quality.SETUP)
+    if method in ("lora", "adalora"):
+        row["loss_beyond_ce"] = 0.0 if method == "lora" else 1.25
     if method in quality.ELALORA:
         row.update(peak_ranks=list(peaks), passed_over=["b"] if max(peaks) == 2 * r else [], r_max=2 * r)
     return row
@@ -76,6 +78,7 @@ def test_the_table_flags_runs_that_did_not_learn_and_pairs_seeds():
     assert cells[6] == "0.840 ± 0.014"  # seeds 0 and 1 only: seed 2 stayed at the majority class
     assert cells[7] == "+3.0 ± 0.0 pts (2/2)"  # paired with LoRA's seeds 0 and 1: +3, +3
     assert cells[8] == "s2"
+    assert "LoRA (peft), 4 runs: loss − cross-entropy = 0.000000 … 0.000000" in text
     (line,) = [x for x in text.splitlines() if x.startswith("| 8 | 4 runs |")]  # reallocation-off runs excluded
     assert line.endswith("| 11 | 1 (cap 10) | 0 (cap 12) | 0 (cap 16) |")
 
