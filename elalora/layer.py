@@ -201,7 +201,8 @@ class ElaLoRALinear(nn.Module):
             self.lora_dropout if self.training else 0.0,
         )
         if self.training and not self.has_allocator and not _warned_no_allocator and self.lora_lam.requires_grad:
-            if out.requires_grad:
+            # eager only: a tensor hook inside a compiled graph would break fullgraph=True
+            if out.requires_grad and not torch.compiler.is_compiling():
                 out.register_hook(_warn_no_allocator)
         return out
 

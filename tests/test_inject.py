@@ -81,6 +81,13 @@ def test_training_without_an_allocator_warns_once(monkeypatch):
         alone(x).sum().backward()  # once
 
 
+def test_the_warning_leaves_a_fullgraph_compile_alone(monkeypatch):
+    monkeypatch.setattr(elalora.layer, "_warned_no_allocator", False)
+    model = inject(_model(), ElaLoRAConfig(r=2, target_modules=("query",)))
+    torch.compile(model, backend="aot_eager", fullgraph=True)(torch.randn(3, 8)).sum().backward()
+    assert model[0].query.lora_lam.grad is not None
+
+
 def test_inject_nothing_matched_names_the_layers():
     with pytest.raises(ValueError, match="matched no nn.Linear.*0.query"):
         inject(_model(), ElaLoRAConfig(target_modules=("attention",)))

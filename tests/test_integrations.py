@@ -180,8 +180,10 @@ def _adapter_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or k.endswith(".active")}
 
 
-@pytest.mark.parametrize("moved", [False, True], ids=["in-output-dir", "moved-elsewhere"])
-def test_resume_from_checkpoint_is_exact(tmp_path, moved):
+@pytest.mark.parametrize("resume", ["path", "moved", "latest"],
+                         ids=["in-output-dir", "moved-elsewhere", "resume_from_checkpoint=True"])
+def test_resume_from_checkpoint_is_exact(tmp_path, resume):
+    moved = resume == "moved"
     config = ela_config()
     # uninterrupted run
     model_a = tiny_model()
@@ -209,7 +211,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, moved):
     elalora.inject(model_c, config)
     cb_c = ElaLoRACallback(config, write_run_record=False)
     make_trainer(tmp_path / ("c" if moved else "b"), model_c, cb_c, max_steps=24).train(
-        resume_from_checkpoint=str(checkpoint))
+        resume_from_checkpoint=True if resume == "latest" else str(checkpoint))
 
     assert cb_c.allocator.t == 24
     assert [r.step for r in cb_c.allocator.history] == [r.step for r in cb_a.allocator.history]
