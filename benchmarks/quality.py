@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+from elalora import ElaLoRAConfig, RankAllocator, inject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -84,8 +87,7 @@ def elalora_schedule(steps: int) -> dict:
 class Run:
     model: torch.nn.Module
     hooks: harness.Hooks = field(default_factory=harness.Hooks)
-    optimizer: Optional[torch.optim.Optimizer] = None
-    allocator: object = None
+    allocator: Optional[RankAllocator] = None
 
 
 def build(method: str, r: int, seed: int, steps: int) -> Run:
@@ -93,13 +95,9 @@ def build(method: str, r: int, seed: int, steps: int) -> Run:
     model = harness.load_model(seed)
     schedule = elalora_schedule(steps)
     if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
         cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGETS))
         run = Run(get_peft_model(model, cfg))
     elif method == "adalora":
-        from peft import AdaLoraConfig, get_peft_model
-
         cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=math.ceil(1.5 * r), target_r=r, lora_alpha=2 * r,
                             lora_dropout=0.0, target_modules=list(TARGETS), tinit=schedule["t_init"],
                             tfinal=schedule["t_final"], deltaT=schedule["mask_interval"], beta1=0.85, beta2=0.85,
@@ -107,8 +105,6 @@ def build(method: str, r: int, seed: int, steps: int) -> Run:
         run = Run(get_peft_model(model, cfg))
         run.hooks.after_step = run.model.base_model.update_and_allocate  # as PEFT documents
     elif method in ELALORA:
-        from elalora import ElaLoRAConfig, RankAllocator, inject
-
         fields = dict(r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=TARGETS, task_type="SEQ_CLS", b=4, k=2,
                       total_steps=steps, seed=seed, **schedule)
         cfg = ElaLoRAConfig(**{**fields, **ELALORA[method]})
@@ -123,13 +119,6 @@ def build(method: str, r: int, seed: int, steps: int) -> Run:
         run.hooks.on_optimizer = on_optimizer
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    remember = run.hooks.on_optimizer
-
-    def keep_optimizer(optimizer):
-        run.optimizer = optimizer
-        remember(optimizer)
-
-    run.hooks.on_optimizer = keep_optimizer
     return run
 
 
@@ -159,8 +148,7 @@ def run_one(spec: dict, data: dict, setup: dict) -> dict:
         loss_curve=[round(statistics.mean(chunk), 4) for chunk in split_evenly(result.losses, 10)],
         trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         adapter_params=adapter_params(method, run.model),
-        optimizer_state_bytes=sum(v.numel() * v.element_size() for s in run.optimizer.state.values()
-                                  for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+        optimizer_state_bytes=result.optimizer_state_bytes,
         train_cpu_seconds=round(result.cpu_seconds, 1), train_wall_seconds=round(result.wall_seconds, 1),
         threads=torch.get_num_threads(), setup=setup)
     row["learned"] = row["test_accuracy"] > row["test_majority"] + DID_NOT_LEARN

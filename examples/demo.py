@@ -35,7 +35,7 @@ import quality  # noqa: E402
 
 import elalora  # noqa: E402
 from elalora.run_records import run_record  # noqa: E402
-from elalora.viz import rank_grid  # noqa: E402
+from elalora.viz import plot_run, rank_grid  # noqa: E402
 
 TASK = "movies"
 DEFAULTS = dict(steps=125, lr=5e-3, r=8, seed=0, threads=2, batch_size=32)
@@ -126,8 +126,6 @@ def main(argv=None) -> int:
     elalora.save_adapter(model, out / "adapter", allocator=allocator)
     written = [out / "run.json", out / "adapter"]
     if args.plots:
-        from elalora.viz import plot_run
-
         written += plot_run(out)
     print("wrote " + ", ".join(map(str, written)))
     print(f"done in {record['wall_seconds']:.0f} s")
