@@ -19,6 +19,9 @@ import torch
 import elalora_kernels
 from elalora_kernels import reference
 
+# A Triton kernel that falls back to torch ops would pass for the wrong reason: make it fail.
+pytestmark = pytest.mark.filterwarnings("error::elalora_kernels.limits.KernelFallbackWarning")
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton: the interpreter on CPU
 BACKENDS = ["reference", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
 # name: (parameter dtype, autocast dtype or None); the compute dtype is the autocast one, else the parameters'

@@ -41,6 +41,7 @@ def _import_with_env(value: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_environment_variable_forces_the_backend_at_import():
     proc = _import_with_env("reference")
     assert proc.returncode == 0 and proc.stdout.strip() == "reference", proc.stderr[-2000:]

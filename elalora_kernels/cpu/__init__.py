@@ -7,7 +7,6 @@
 
 Every op has the signature of its :mod:`elalora_kernels.reference` twin.
 """
-from .._extension import available as extension_available
 from ..batched import orth_penalty, rank_scores
 from .adapter_linear import AdapterLinearFunction, adapter_linear
 from .score_ema import score_ema_update, torch_score_ema_update
@@ -15,7 +14,6 @@ from .score_ema import score_ema_update, torch_score_ema_update
 __all__ = [
     "AdapterLinearFunction",
     "adapter_linear",
-    "extension_available",
     "orth_penalty",
     "rank_scores",
     "score_ema_update",

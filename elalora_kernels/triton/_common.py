@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from elalora_kernels.limits import MAX_R_MAX
+from elalora_kernels.limits import MAX_R_MAX, KernelFallbackWarning
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -50,9 +52,66 @@ def launch_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+# Shared memory one block may use (opt-in maximum), by compute capability: H100/H200, A100,
+# RTX 30xx/A10/A40, RTX 40xx/L4/L40, T4. The kernels' configurations are chosen to fit it.
+SHARED_MEMORY = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (7, 5): 65536}
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on ``device`` (the interpreter: sm_90's)."""
+    if device.type != "cuda":
+        return SHARED_MEMORY[(9, 0)]
+    props = _properties(device)
+    known = SHARED_MEMORY.get((props.major, props.minor), min(SHARED_MEMORY.values()))
+    return getattr(props, "shared_memory_per_block_optin", None) or known
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    return (_properties(device).major, _properties(device).minor) if device.type == "cuda" else None
+
+
+def check_dtype_supported(device: torch.device, dtype: torch.dtype) -> None:
+    """bfloat16 needs sm_80 or newer (a T4, sm_75, has none): raised inside a launch, the op falls back."""
+    cap = capability(device)
+    if dtype == torch.bfloat16 and cap is not None and cap < (8, 0):
+        raise NotImplementedError(f"bfloat16 kernels need sm_80 or newer; this GPU is sm_{cap[0]}{cap[1]}")
+
+
+_FAILED: dict[tuple, str] = {}  # (op, configuration) -> why its Triton kernel was given up, for this process
+
+
+def run_or_fall_back(key: tuple, launch, fallback):
+    """``launch()``; if a Triton kernel of ``key`` = (op, configuration...) fails to compile or launch,
+    warn once naming the cause and run ``fallback()`` (torch ops) for that key from then on.
+
+    A user's GPU may lack what a kernel needs (shared memory, an instruction, a dtype):
+    a training run should slow down, not die.
+    """
+    if key not in _FAILED:
+        try:
+            return launch()
+        except torch.OutOfMemoryError:  # torch ops would need the memory too
+            raise
+        except Exception as error:  # noqa: BLE001 - any compile or launch failure
+            cause = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"elalora: the Triton kernel for {' '.join(map(str, key))} failed to compile or launch "
+                f"({cause[:1000]}); using torch ops for it from now on",
+                KernelFallbackWarning,
+                stacklevel=3,
+            )
+            _FAILED[key] = cause
+    return fallback()
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _properties(device).multi_processor_count
     return 4  # interpreter: a small number keeps the program count (and the test time) low, yet splits
 
 

@@ -17,31 +17,9 @@ Backward (``g = ∂L/∂y``):
 * kernel ``_tn`` (split-N partials, deterministic): ``dP = gᵀ (s·xq ⊙ λ_eff)``
   and ``dQ = uᵀ x``, each a reduction over N.
 
-Design note — bytes moved beyond the base GEMMs (x W0ᵀ and g W0), one layer at
-N = 8192, in = out = d = 4096, r = 16, bf16; an N×d tensor is 64 MiB, N×r ones
-and the weights' r-wide factors are negligible. The base fwd + dx moves 320 MiB
-(read x, g, W0 twice; write y, dx) and is compute-bound, so these bytes are the
-adapter's cost:
-
-* separate kernels (this file): forward re-reads x and read-modify-writes y
-  (192); backward reads g for u/dλ and read-modify-writes dx (192), reads g for
-  dP (64) and x for dQ (64): 512 MiB;
-* eager PEFT LoRA (for scale): N×d temporaries for B(Ax) and its gradient and
-  the adds into y and dx: 768 MiB;
-* K-concatenated GEMM with cuBLAS, ``y = [x | u]·[W0 | P]ᵀ`` and
-  ``dx = [g | v]·[W0 ; Q]`` (u = s·(x Qᵀ)⊙λ_eff, v = s·(g P)⊙λ_eff; W0, P and Q
-  can live in one (out+r)×(in+r) buffer, so both weight operands are views):
-  one pass writing [x | u] while computing u (128), one writing [g | v] while
-  accumulating dP (128), x read for dQ (64): 320 MiB, and the y/dx
-  read-modify-writes are gone;
-* a fused epilogue (a Triton GEMM that adds u Pᵀ to its accumulator, and v Q
-  in the dx GEMM): u needs x (64), v and dP one pass over g (64), dQ x (64):
-  192 MiB, but the base GEMM becomes ours instead of cuBLAS's.
-
-With an H200's data-sheet figures (4.8 TB/s; 989 TFLOP/s dense bf16, so the
-base's 0.55 TFLOP take 0.56 ms) the floors are about 1.20x (512 MiB), 1.13x
-(320) and 1.08x (192) of the base — arithmetic, not measurements: the separate
-kernels stay until ``benchmarks/gpu.py`` (``make gpu-check``) has timed a GPU.
+Why separate kernels and not a fused GEMM epilogue or a K-concatenated GEMM:
+the bytes each arrangement moves are counted in benchmarks/RESULTS.md (GPU,
+"Design note"); the choice stands until ``benchmarks/gpu.py`` has timed a GPU.
 
 Matmul operands are in the input dtype (bf16/fp16 use tensor cores; fp32 uses
 IEEE fp32, never TF32, as torch does by default), accumulation is fp32. Ranks
@@ -60,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import check_device, check_rank, interpreting, num_sms, rank_block
+from ._common import check_device, check_rank, interpreting, num_sms, rank_block, shared_memory
 
 
 # --------------------------------------------------------------------------- kernels
@@ -247,27 +225,45 @@ def _tn_kernel(
 
 
 # --------------------------------------------------------------------------- launch helpers
-def _blocks_rows(n: int, br: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps) for the row-tiled kernels.
+# (BLOCK_K, BLOCK_N) of the row-tiled kernels and num_stages, widest first: the first that fits
+# the GPU's shared memory is taken. (BLOCK_C, BLOCK_N) of _tn likewise.
+_ROW_TILES = ((64, 128, 3), (64, 128, 2), (32, 64, 3), (32, 64, 2), (32, 32, 2), (16, 32, 2), (16, 16, 2))
+_TN_TILES = ((64, 3), (64, 2), (32, 2), (16, 2))
+
+
+def _blocks_rows(n: int, br: int, elem: int, shared: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) of the row-tiled kernels, for ``elem``-byte
+    operands on a GPU with ``shared`` bytes of shared memory per block.
 
     These kernels stream the N×out output (N×in for dx) once: they are
     memory-bound, so on a GPU the row tile is kept small (many programs in
     flight per SM, inner loops software-pipelined) rather than MMA-shaped.
+    Their shared memory is about num_stages staged rank-block-wide Q or P
+    tiles plus the row tile's rank vector (an upper bound of what
+    tests/triton/arch_compile.py measures for every architecture).
     Not tuned on hardware yet: ``benchmarks/gpu.py`` is where to tune them.
     """
     if interpreting():  # few, large programs: the interpreter pays per program and per op
-        return max(16, min(64, triton.next_power_of_2(n))), 128, 128, 4
+        return max(16, min(64, triton.next_power_of_2(n))), 128, 128, 4, 1
     bm = max(16, min(32 if br <= 64 else 16, triton.next_power_of_2(n)))
-    if br >= 256:  # narrower Q/P tiles: fp32 ones of the default width overflow sm_90's shared memory
-        return bm, 32, 64, 8
-    return bm, 64, 128, 4 if br <= 64 else 8
+    warps = 4 if br <= 64 else 8
+    for bk, bn, stages in _ROW_TILES:
+        if stages * br * max(bk, bn) * elem + bm * br * 4 <= shared:
+            return bm, bk, bn, warps, stages
+    raise ValueError(f"no adapter kernel configuration fits {shared} bytes of shared memory at rank block {br}")
 
 
-def _blocks_tn(br: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_N, num_warps) of the split-N reduction kernel ``_tn``."""
+def _blocks_tn(br: int, elem: int, shared: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_N, num_warps, num_stages) of the split-N reduction kernel ``_tn`` (as ``_blocks_rows``)."""
     if interpreting():
-        return 128, 64, 4
-    return (64 if br <= 64 else 32), 64, 4 if br <= 32 else 8
+        return 128, 64, 4, 1
+    bc = 64 if br <= 64 else 32
+    warps = 4 if br <= 32 else 8
+    for bn, stages in _TN_TILES:
+        for c in (bc, 16):
+            if (stages - 1) * bn * (c + br) * elem + 2 * c * br * 4 <= shared:
+                return c, bn, warps, stages
+    raise ValueError(f"no reduction kernel configuration fits {shared} bytes of shared memory at rank block {br}")
 
 
 def _split(m_tiles: int, inner_tiles: int, device: torch.device) -> tuple[int, int]:
@@ -293,10 +289,11 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, y: Tensor, store_xq: bool) -> Tensor | None:
     """``y += s·((xa Qᵀ) ⊙ λ_eff) Pᵀ`` in place; returns ``xq = xa Qᵀ`` (float32 [N, r]) if asked."""
+    _common.check_dtype_supported(xa.device, xa.dtype)
     n, k = xa.shape
     out, r = P.shape
     br = rank_block(r)
-    bm, bk, bn, warps = _blocks_rows(n, br)
+    bm, bk, bn, warps, stages = _blocks_rows(n, br, xa.element_size(), shared_memory(xa.device))
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(out, bn), xa.device)
     xq = _common.empty((n, r), torch.float32, xa.device) if store_xq else y
@@ -307,17 +304,18 @@ def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: f
         float(scale), per,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
         IEEE=_ieee(xa.dtype), UPCAST=_upcast(xa.dtype), STORE_XQ=store_xq, ACCUM=True,
-        num_warps=warps, enable_fp_fusion=True,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
     return xq if store_xq else None
 
 
 def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: float, out_t: bool) -> Tensor:
     """float32 ``Aᵀ B'`` ([C, R], or [R, C] if ``out_t``) with split-N partials."""
+    _common.check_dtype_supported(a.device, a.dtype)
     n, c = a.shape
     r = b.shape[1]
     br = rank_block(r)
-    bc, bnn, warps = _blocks_tn(br)
+    bc, bnn, warps, stages = _blocks_tn(br, a.element_size(), shared_memory(a.device))
     c_tiles = triton.cdiv(c, bc)
     n_chunks = triton.cdiv(n, bnn)
     split = max(1, min(triton.cdiv(2 * num_sms(a.device), c_tiles), n_chunks, 64))
@@ -334,17 +332,18 @@ def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: 
         float(scale), rows_per,
         BLOCK_C=bc, BLOCK_N=bnn, BLOCK_R=br,
         IEEE=_ieee(a.dtype), UPCAST=_upcast(a.dtype), SCALE_B=scale_b,
-        num_warps=warps, enable_fp_fusion=True,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
     return part[0] if split == 1 else part.sum(0)
 
 
 def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> tuple[Tensor, Tensor]:
     """Runs ``_bwd_dx``: returns (u float32 [N, r], dλ float32 [r]); adds/writes ``u Q`` into ``dx``."""
+    _common.check_dtype_supported(g.device, g.dtype)
     n, out = g.shape
     r, k = Q.shape
     br = rank_block(r)
-    bm, bk, bn, warps = _blocks_rows(n, br)
+    bm, bk, bn, warps, stages = _blocks_rows(n, br, g.element_size(), shared_memory(g.device))
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(k, bk), g.device) if dx is not None else (1, 0)
     u = _common.empty((n, r), torch.float32, g.device)
@@ -357,7 +356,7 @@ def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> 
         float(scale), per,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
         IEEE=_ieee(g.dtype), UPCAST=_upcast(g.dtype), WRITE_DX=dx is not None, ACCUM=accum,
-        num_warps=warps, enable_fp_fusion=True,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
     return u, dlam_part.sum(0)
 
@@ -377,10 +376,26 @@ def _fwd_op(
     P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, store_xq: bool,
 ) -> tuple[Tensor, Tensor]:
     """(y = x W0ᵀ + bias + adapter, xq = xₐ Qᵀ float32 [N, r] or an empty tensor unless ``store_xq``)."""
+    xa = x if xd is None else xd
     with _common.launch_guard(x.device):
         y = F.linear(x, weight, bias).contiguous()
-        xq = _fwd(x if xd is None else xd, P, lam, Q, active, scale, y, store_xq)
+        xq = _common.run_or_fall_back(
+            _key(x, P), lambda: _fwd(xa, P, lam, Q, active, scale, y, store_xq),
+            lambda: _fwd_torch(xa, P, lam, Q, active, scale, y, store_xq),
+        )
     return y, xq if xq is not None else x.new_empty(0, dtype=torch.float32)
+
+
+def _key(x: Tensor, P: Tensor) -> tuple:
+    """What a compile or launch failure is remembered by: the op, its dtype and rank block."""
+    return ("adapter_linear", x.dtype, rank_block(P.shape[1]))
+
+
+def _fwd_torch(xa, P, lam, Q, active, scale, y, store_xq) -> Tensor | None:
+    """``_fwd`` in torch ops (the fallback), fp32 accumulation like the kernel."""
+    xq = xa.float() @ Q.float().t()
+    y += (((xq * (lam.float() * active)) * scale) @ P.float().t()).to(y.dtype)
+    return xq if store_xq else None
 
 
 @_fwd_op.register_fake
@@ -395,24 +410,45 @@ def _bwd_op(
     active: Tensor, xq: Tensor, scale: float, need_x: bool, need_xd: bool, need_p: bool, need_lam: bool, need_q: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dxd, dP, dλ, dQ), each an empty tensor where not needed."""
+    args = (g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q)
     with _common.launch_guard(g.device):
-        dx = dxd = dP = dlam = dQ = None
-        if need_x:
-            dx = g @ weight  # cuBLAS; the adapter part is added in place below
-        if need_p:
-            dP = _tn(g, xq, lam, active, scale, out_t=False).to(P.dtype)
-        if need_xd or need_lam or need_q or (need_x and xd is None):
-            if xd is None:
-                target, accum = (dx, True) if need_x else (None, False)
-            else:
-                dxd = _common.empty(xd.shape, xd.dtype, xd.device) if need_xd else None
-                target, accum = dxd, False
-            u, dl = _bwd_dx(g, P, Q, lam, active, xq, scale, target, accum)
-            if need_lam:
-                dlam = (dl * active.to(dl.dtype)).to(lam.dtype)
-            if need_q:
-                dQ = _tn(x if xd is None else xd, u, None, None, 1.0, out_t=True).to(Q.dtype)
-    return tuple(t if t is not None else g.new_empty(0) for t in (dx, dxd, dP, dlam, dQ))  # outputs must not alias
+        grads = _common.run_or_fall_back(_key(g, P), lambda: _bwd(*args), lambda: _bwd_torch(*args))
+    return tuple(t if t is not None else g.new_empty(0) for t in grads)  # outputs must not alias
+
+
+def _bwd(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q):
+    dx = dxd = dP = dlam = dQ = None
+    if need_x:
+        dx = g @ weight  # cuBLAS; the adapter part is added in place below
+    if need_p:
+        dP = _tn(g, xq, lam, active, scale, out_t=False).to(P.dtype)
+    if need_xd or need_lam or need_q or (need_x and xd is None):
+        if xd is None:
+            target, accum = (dx, True) if need_x else (None, False)
+        else:
+            dxd = _common.empty(xd.shape, xd.dtype, xd.device) if need_xd else None
+            target, accum = dxd, False
+        u, dl = _bwd_dx(g, P, Q, lam, active, xq, scale, target, accum)
+        if need_lam:
+            dlam = (dl * active.to(dl.dtype)).to(lam.dtype)
+        if need_q:
+            dQ = _tn(x if xd is None else xd, u, None, None, 1.0, out_t=True).to(Q.dtype)
+    return dx, dxd, dP, dlam, dQ
+
+
+def _bwd_torch(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q):
+    """``_bwd`` in torch ops (the fallback), fp32 accumulation like the kernels."""
+    coef = lam.float() * active
+    dz = (g.float() @ P.float()) * scale  # ∂L/∂(xq ⊙ λ_eff)
+    u = dz * coef  # ∂L/∂xq
+    dx = g @ weight if need_x else None
+    if need_x and xd is None:
+        dx += (u @ Q.float()).to(dx.dtype)
+    dxd = (u @ Q.float()).to(xd.dtype) if need_xd else None
+    dP = (g.float().t() @ (xq * coef * scale)).to(P.dtype) if need_p else None
+    dlam = ((dz * xq).sum(0) * active).to(lam.dtype) if need_lam else None
+    dQ = (u.t() @ (x if xd is None else xd).float()).to(Q.dtype) if need_q else None
+    return dx, dxd, dP, dlam, dQ
 
 
 @_bwd_op.register_fake

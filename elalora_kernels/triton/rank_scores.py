@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from elalora_kernels import reference
+
 from . import _common
 from ._common import check_device, interpreting, rank_block
 
@@ -94,13 +96,14 @@ def rank_scores(
         keep += ts
         addrs += [t.data_ptr() for t in ts] + [n_out, n_in]
     device = ipt[0][1].device
-    table = torch.tensor(addrs, dtype=torch.int64).to(device)
     out = _common.empty((len(ipt), r), torch.float32, device)
     if r == 0:
         return out
     br = rank_block(r)
-    tile = 256 if interpreting() else max(16, min(256, 8192 // br))  # ~8K fp32 per tile on a GPU
-    with _common.launch_guard(device):
+
+    def launch():
+        table = torch.tensor(addrs, dtype=torch.int64).to(device)
+        tile = 256 if interpreting() else max(16, min(256, 8192 // br))  # ~8K fp32 per tile on a GPU
         _rank_scores_kernel[(len(ipt),)](
             table, out, r,
             BLOCK_R=br,
@@ -109,5 +112,9 @@ def rank_scores(
             num_warps=4,
             enable_fp_fusion=False,
         )
+        return out
+
+    with _common.launch_guard(device):
+        out = _common.run_or_fall_back(("rank_scores", br), launch, lambda: reference.rank_scores(ipt, unc).float())
     del keep
     return out

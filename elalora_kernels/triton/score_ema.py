@@ -123,7 +123,7 @@ class _Plan:
     """Device tables of one group of tensors (one launch)."""
 
     __slots__ = ("ptrs", "numels", "blocks", "nblocks", "aligned", "w_dtype", "g_dtype", "w_torch_dtype", "g_torch_dtype",
-                 "device")
+                 "device", "rows")
 
 
 _block_cache: "OrderedDict[tuple, tuple[Tensor, Tensor]]" = OrderedDict()
@@ -210,6 +210,8 @@ def _use_cuda_extension(device: torch.device) -> bool:
 
 def launch(plan: _Plan, count: Tensor, beta1: float, beta2: float) -> None:
     """One launch over the tensors of ``plan``; adds the non-finite elements to ``count`` (int32 [1])."""
+    _common.check_dtype_supported(plan.device, plan.w_torch_dtype)
+    _common.check_dtype_supported(plan.device, plan.g_torch_dtype)
     b1, b2 = float(beta1), float(beta2)
     if _use_cuda_extension(plan.device):
         cuda_extension().score_ema_launch(  # the binding guards the device itself
@@ -284,7 +286,15 @@ class LaunchPlan:
         aligned = self._table.aligned
         for plan in self._plans:
             plan.aligned = aligned
-            self.launcher(plan, self.count, beta1, beta2)
+            _common.run_or_fall_back(
+                ("score_ema", plan.w_torch_dtype), lambda: self.launcher(plan, self.count, beta1, beta2),
+                lambda: _update_torch(self._quads(weights, grads, plan.rows), self.count, beta1, beta2),
+            )
+
+    def _quads(self, weights, grads, rows):
+        """(w, g, Ī, Ū) of the tensors ``rows`` (``grads=None``: each weight's own .grad)."""
+        gs = grads_of([weights[k] for k in rows]) if grads is None else [grads[k] for k in rows]
+        return [(weights[k].detach(), g, self.ema_ipt[k], self.ema_unc[k]) for k, g in zip(rows, gs)]
 
     def read_count(self) -> int:
         """Non-finite elements since the last read (one device sync); resets the counter."""
@@ -315,6 +325,7 @@ class LaunchPlan:
             plan.w_torch_dtype = plan.g_torch_dtype = dtype
             plan.w_dtype = plan.g_dtype = TL_DTYPE[dtype]
             plan.device = self.device
+            plan.rows = rows[start : start + len(numels)]
             self._plans.append(plan)
             start += len(numels)
 
@@ -383,9 +394,16 @@ def score_ema_update_async(
             count += reference.score_ema_update([w], [g], [i], [u], beta1, beta2)
             continue
         groups.setdefault((w.dtype, g.dtype, w.device), []).append((w, g, i, u))
-    for group in groups.values():
-        launch(_plan(group), count, beta1, beta2)
+    for (dtype, _, _), group in groups.items():
+        _common.run_or_fall_back(("score_ema", dtype), lambda: launch(_plan(group), count, beta1, beta2),
+                                 lambda: _update_torch(group, count, beta1, beta2))
     return count
+
+
+def _update_torch(quads, count: Tensor, beta1: float, beta2: float) -> None:
+    """The fallback: ``reference.score_ema_update_one`` per tensor, the count kept on the device."""
+    for w, g, i, u in quads:
+        count += reference.score_ema_update_one(w, g, i, u, beta1, beta2)
 
 
 def score_ema_update(

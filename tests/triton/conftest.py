@@ -5,6 +5,8 @@ top-level ``tests/conftest.py`` sets it for the whole session when there is no G
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -18,9 +20,14 @@ def device() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Every buffer the Triton backend allocates for a kernel to fill starts as NaN."""
+    """Every buffer the Triton backend allocates for a kernel to fill starts as NaN, and a kernel that
+    falls back to torch ops (compile or launch failure) fails the test instead of passing on torch ops."""
     pytest.importorskip("triton")
+    from elalora_kernels.limits import KernelFallbackWarning
     from elalora_kernels.triton import _common
 
     monkeypatch.setattr(_common, "POISON", True)
-    yield
+    monkeypatch.setattr(_common, "_FAILED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        yield

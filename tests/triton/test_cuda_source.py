@@ -12,6 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CU = ROOT / "csrc" / "cuda" / "score_ema.cu"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_score_ema_cu_compiles_to_ptx(tmp_path):
     out = tmp_path / "score_ema.ptx"

@@ -56,6 +56,7 @@ def test_gpu_check_runs_the_benchmark_after_a_failing_test(tmp_path):
     assert out.with_suffix(".md").read_text().startswith("results (")
 
 
+@pytest.mark.subprocess
 def test_a_run_cut_off_by_its_time_limit_keeps_what_it_measured(tmp_path):
     """Results reach the disk as they come; tasks past the time limit are recorded as skipped."""
     out = tmp_path / "results.json"

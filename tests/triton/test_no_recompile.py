@@ -35,6 +35,7 @@ def test_rank_and_batch_changes_compile_each_kernel_once():
     assert counts == {"plain": once, "bf16 autocast": once}
 
 
+@pytest.mark.slow
 @use_backend("triton")
 def test_compiled_layer_traces_triton_ops_without_graph_breaks_or_recompiles(device):
     torch._dynamo.reset()
