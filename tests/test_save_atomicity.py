@@ -101,14 +101,19 @@ def test_writer_killed_at_random_moments_never_loses_the_previous_save(tmp_path)
     rng = random.Random(0)
     seen = {"a": 0, "b": 0}
     for _ in range(20):
+        started, ready = os.pipe()
         pid = os.fork()
         if pid == 0:  # the writer
             try:
+                os.write(ready, b".")
                 while True:
                     save_adapter(b, tmp_path, allocator=alloc_b)
                     save_adapter(a, tmp_path, allocator=alloc_a)
             finally:
                 os._exit(0)
+        os.read(started, 1)  # the moment is drawn from the writer's start, not from the fork's
+        os.close(started)
+        os.close(ready)
         time.sleep(rng.uniform(0, 2.5 * one_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -116,4 +121,4 @@ def test_writer_killed_at_random_moments_never_loses_the_previous_save(tmp_path)
         which = [k for k, out in expected.items() if torch.equal(got, out)]
         assert len(which) == 1
         seen[which[0]] += 1
-    assert seen["a"] and seen["b"]  # kills landed in saves of both
+    assert seen["a"] and seen["b"], seen  # kills landed in saves of both
