@@ -4,11 +4,14 @@ Guarantees tested here:
 * the importance EMAs are float32 whatever the parameter or autocast dtype, and
   the score update reads the low-precision w and g upcast to float32;
 * rounds keep parameter dtypes and work in low precision (new λ ≈ 0);
-* the rank scores after warm-up are within a relative tolerance of float32's
-  (RTOL below, relative to the largest score), and a round's decisions agree
-  with float32's except at near-ties: slots whose float32 score lies within
-  twice the measured score error of the pruning cut;
-* training ends at a loss within 5% of the float32 run.
+* every active slot's rank score after warm-up is within SCORE_RTOL (below) of
+  its float32 value, relative to that score, and a round's decisions agree with
+  float32's except at near-ties: slots whose float32 score lies within twice the
+  measured score error of the pruning cut;
+* 24 steps through 8 rounds that take the float32 run's decisions end at an eval
+  loss within LOSS_RTOL of the float32 run's. (Left to its own decisions a run
+  parts from float32's at the first near-tie and is then another run: its loss
+  says nothing about precision.)
 (fp16 parameters need an optimizer that is sane in fp16: Adam's eps=1e-8
 underflows to 0 in fp16, so these tests use SGD with momentum for every dtype.)
 """
@@ -25,21 +28,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
 from elalora import RankAllocator, plan_round  # noqa: E402
 
+# mode: (parameter dtype, autocast dtype, SCORE_RTOL, LOSS_RTOL). Measured: per-score errors at most
+# 0.42% / 1.34% / 0.11%, eval losses 0.45% / 0.12% / 0.05% off float32's (an untrained model: 6.3%).
 MODES = {
-    # mode: (parameter dtype, autocast dtype, score RTOL)
-    "bf16-autocast": (None, torch.bfloat16, 3e-2),
-    "bf16-params": (torch.bfloat16, None, 3e-2),
-    "fp16-params": (torch.float16, None, 1e-2),
+    "bf16-autocast": (None, torch.bfloat16, 3e-2, 1e-2),
+    "bf16-params": (torch.bfloat16, None, 3e-2, 1e-2),
+    "fp16-params": (torch.float16, None, 3e-3, 2e-3),
 }
-LOSS_RTOL = 0.05
 
 
-def _run(mode: str | None, steps: int, total_steps: int = 24):
-    pdtype, adtype, _ = MODES[mode] if mode else (None, None, None)
+def _run(mode: str | None, steps: int, total_steps: int = 24, tables: list | None = None, replay: bool = False):
+    """Train ``steps`` steps. With ``tables``, the score table of every round is appended to it, or, with
+    ``replay``, taken from it in turn instead: the run then takes the recorded run's decisions."""
+    pdtype, adtype = MODES[mode][:2] if mode else (None, None)
     config = U.small_config(total_steps=total_steps)
     model, _ = U.build(config, dtype=pdtype)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     alloc = RankAllocator(model, config, opt)
+    if replay:
+        alloc.rank_scores = iter(tables).__next__
+    elif tables is not None:
+        own = alloc.rank_scores
+        alloc.rank_scores = lambda: tables.append(own()) or tables[-1]
     for step in range(steps):
         x, y = U.batch(step)
         if pdtype is not None:
@@ -58,7 +68,8 @@ def _run(mode: str | None, steps: int, total_steps: int = 24):
 
 @functools.lru_cache(maxsize=1)
 def _fp32_24_steps():
-    return _run(None, steps=24)
+    tables = []
+    return *_run(None, steps=24, tables=tables), tables
 
 
 def _eval_loss(model) -> float:
@@ -93,9 +104,10 @@ def test_scores_and_decisions_within_tolerance_of_fp32(mode):
     _, low = _run(mode, steps=5)
     assert not ref.history and not low.history
     s_ref, s_low = ref.rank_scores(), low.rank_scores()
-    scale = float(s_ref.abs().max())
-    err = float((s_low - s_ref).abs().max()) / scale
-    assert err <= rtol, f"{mode}: rank scores off by {err:.3g} of the largest score (tolerance {rtol})"
+    active = torch.stack([layer.active for layer in ref.layers])
+    assert (s_ref[active] != 0).all()
+    err = float(((s_low - s_ref).abs() / s_ref.abs())[active].max())
+    assert err <= rtol, f"{mode}: a rank score is off by {err:.3g} of itself (tolerance {rtol})"
     ranks = [layer.active_rank for layer in ref.layers]
     c = ref.config
     # With every score off by at most e, only a slot within 2e of the cut can be decided differently.
@@ -107,8 +119,8 @@ def test_scores_and_decisions_within_tolerance_of_fp32(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_training_through_rounds_within_tolerance_of_fp32(mode):
-    ref_model, ref = _fp32_24_steps()
-    low_model, low = _run(mode, steps=24)
+    ref_model, ref, tables = _fp32_24_steps()
+    low_model, low = _run(mode, steps=24, tables=tables, replay=True)
     pdtype = MODES[mode][0] or torch.float32
     assert low.ema_ipt.dtype == torch.float32 and low.ema_unc.dtype == torch.float32
     assert torch.isfinite(low.ema_ipt).all() and torch.isfinite(low.ema_unc).all()
@@ -121,7 +133,8 @@ def test_training_through_rounds_within_tolerance_of_fp32(mode):
     assert len(low.history) == len(ref.history) >= 3
     assert low.total_rank() == ref.total_rank()
     l_ref, l_low = _eval_loss(copy.deepcopy(ref_model)), _eval_loss(low_model)
-    assert abs(l_low - l_ref) <= LOSS_RTOL * l_ref, f"{mode}: eval loss {l_low:.4f} vs fp32 {l_ref:.4f}"
+    loss_rtol = MODES[mode][3]
+    assert abs(l_low - l_ref) <= loss_rtol * l_ref, f"{mode}: eval loss {l_low:.4f} vs fp32 {l_ref:.4f} (tolerance {loss_rtol})"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
