@@ -46,7 +46,7 @@ def train_elalora(data: dict, *, steps: int, lr: float, r: int, seed: int, batch
     model = harness.load_model(seed)
     config = elalora.ElaLoRAConfig(r=r, target_modules=quality.TARGETS, task_type="SEQ_CLS", total_steps=steps,
                                    seed=seed, **quality.elalora_schedule(steps))
-    elalora.inject(model, config)  # task_type="SEQ_CLS": the fresh head trains fully
+    model = elalora.inject(model, config)  # task_type="SEQ_CLS": the fresh head trains fully
     state = {}
 
     def on_optimizer(optimizer):
