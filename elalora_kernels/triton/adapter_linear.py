@@ -238,9 +238,9 @@ def _blocks_rows(n: int, br: int, elem: int, shared: int) -> tuple[int, int, int
     These kernels stream the N×out output (N×in for dx) once: they are
     memory-bound, so on a GPU the row tile is kept small (many programs in
     flight per SM, inner loops software-pipelined) rather than MMA-shaped.
-    Their shared memory is about num_stages staged rank-block-wide Q or P
-    tiles plus the row tile's rank vector (an upper bound of what
-    tests/triton/arch_compile.py measures for every architecture).
+    Their shared memory is at most num_stages staged tiles of the row block
+    and of the rank-block-wide Q or P, plus the row tile's rank vector (an upper
+    bound of what tests/triton/arch_compile.py measures on every architecture).
     Not tuned on hardware yet: ``benchmarks/gpu.py`` is where to tune them.
     """
     if interpreting():  # few, large programs: the interpreter pays per program and per op
@@ -248,20 +248,21 @@ def _blocks_rows(n: int, br: int, elem: int, shared: int) -> tuple[int, int, int
     bm = max(16, min(32 if br <= 64 else 16, triton.next_power_of_2(n)))
     warps = 4 if br <= 64 else 8
     for bk, bn, stages in _ROW_TILES:
-        if stages * br * max(bk, bn) * elem + bm * br * 4 <= shared:
+        if stages * (bm + br) * max(bk, bn) * elem + bm * br * 4 <= shared:
             return bm, bk, bn, warps, stages
     raise ValueError(f"no adapter kernel configuration fits {shared} bytes of shared memory at rank block {br}")
 
 
 def _blocks_tn(br: int, elem: int, shared: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_N, num_warps, num_stages) of the split-N reduction kernel ``_tn`` (as ``_blocks_rows``)."""
+    """(BLOCK_C, BLOCK_N, num_warps, num_stages) of the split-N reduction kernel ``_tn`` (as ``_blocks_rows``;
+    its shared memory is what tests/triton/arch_compile.py measures)."""
     if interpreting():
         return 128, 64, 4, 1
     bc = 64 if br <= 64 else 32
     warps = 4 if br <= 32 else 8
     for bn, stages in _TN_TILES:
-        for c in (bc, 16):
-            if (stages - 1) * bn * (c + br) * elem + 2 * c * br * 4 <= shared:
+        for c in (bc, 16):  # staged A (input dtype) and float32 B tiles, and B in the input dtype for the dot
+            if (stages - 1) * bn * (c * elem + br * 4) + bn * br * elem <= shared:
                 return c, bn, warps, stages
     raise ValueError(f"no reduction kernel configuration fits {shared} bytes of shared memory at rank block {br}")
 
