@@ -60,7 +60,7 @@ class Run:
 def score_tables(run: Run, lines: list[str]) -> list[tuple[str, bool]]:
     threads = run.meta["threads"]
     targets, main, floor = [], [], []
-    sets = sorted({g.split("score+EMA ", 1)[1].rsplit(",", 1)[0] for g in run.rounds if g.startswith("score+EMA ")})
+    sets = dict.fromkeys(g.split("score+EMA ", 1)[1].rsplit(",", 1)[0] for g in run.rounds if g.startswith("score+EMA "))
     compile_notes = []
     for set_name in sets:
         g = f"score+EMA {set_name}, {threads} threads"
@@ -158,6 +158,8 @@ def step_table(run: Run, lines: list[str]) -> list[tuple[str, bool]]:
         return f"{s * 1e3:.1f} ms" if s is not None else "n/a"
 
     passes = len(run.rounds[g])
+    own_ms = round_ms - score_ms - scores_ms
+    own = f"{own_ms:.1f} ms" if own_ms > 0 else "not separable in this run: its parts' medians add up to more than the round's"
     lines += [
         "### Whole training step, MiniLM-L6 (BertForSequenceClassification)",
         "",
@@ -180,8 +182,8 @@ def step_table(run: Run, lines: list[str]) -> list[tuple[str, bool]]:
         "the median of the steps of the training run above.",
         f"A round ({round_ms:.1f} ms) is the step's score update ({score_ms:.2f} ms, C++ extension), the rank "
         f"scores ({scores_ms:.2f} ms, `elalora_kernels.batched.rank_scores`) and the allocator's own work "
-        f"({max(round_ms - score_ms - scores_ms, 0):.1f} ms: plan, slot swaps, and a `torch.linalg.qr` per new P "
-        "column and Q row in `elalora/allocator.py::_orthogonal_unit`).",
+        f"({own}; plan, slot swaps, and a `torch.linalg.qr` per new P column and Q row in "
+        "`elalora/allocator.py::_orthogonal_unit`).",
         "",
     ]
     return [
