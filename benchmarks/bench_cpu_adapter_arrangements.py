@@ -8,7 +8,7 @@ present one (3 GEMMs forward, 5 backward, elalora_kernels/cpu/adapter_linear.py)
 * row-blocked  x and g in blocks of rows; each block's base and adapter GEMMs run back to back,
                while the block is still in cache (saves passes over x, y, g, dx; pays more, smaller calls)
 
-with c = s·λ·active. Forward+backward of one layer as in compare.py (x requires grad, frozen base
+with c = s·λ·active. Forward+backward of one layer as in bench_cpu_adapter.py (x requires grad, frozen base
 with bias, float32, no dropout, r active slots), ratios over the frozen nn.Linear alone, all
 contenders interleaved.
 
