@@ -185,3 +185,23 @@ def test_cuda_graph_replay_is_safe_exactly_while_the_gradients_stay(device):
     assert not plan.points_at_current_grads()  # a replay now would read the old gradients' memory
     alloc.step()  # an eager step re-points the table
     assert plan.points_at_current_grads()
+
+
+@use_backend("triton")
+def test_the_python_table_stands_in_without_the_extension(device, monkeypatch):
+    """Without the C++ extension the pointer table is kept in Python: same EMAs, same re-pointing."""
+    import importlib
+
+    se = importlib.import_module("elalora_kernels.triton.score_ema")
+    monkeypatch.setattr(se, "pointer_table", se._PythonPointerTable)
+    fast, ref = _allocator(device), _allocator(device)
+    for step in range(3):
+        for backend, alloc in (("triton", fast), ("reference", ref)):
+            _new_grads(alloc)
+            _set_grads(alloc, step)
+            with use_backend(backend):
+                alloc.step()
+    assert torch.equal(fast.ema_ipt, ref.ema_ipt) and torch.equal(fast.ema_unc, ref.ema_unc)
+    assert fast.score_plan.rebuilds == 3 and fast.score_plan.points_at_current_grads()
+    _new_grads(fast)
+    assert not fast.score_plan.points_at_current_grads()
