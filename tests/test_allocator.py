@@ -10,6 +10,8 @@ from elalora_kernels import reference
 
 BETA = 0.85
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: two threads crawl on a busy machine
+
 
 def _model(widths=((12, 20), (20, 20), (20, 9))):
     torch.manual_seed(0)

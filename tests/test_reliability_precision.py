@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
 from elalora import RankAllocator, plan_round  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: two threads crawl on a busy machine
+
 # mode: (parameter dtype, autocast dtype, SCORE_RTOL, LOSS_RTOL). Measured: per-score errors at most
 # 0.42% / 1.34% / 0.11%, eval losses 0.45% / 0.12% / 0.05% off float32's (an untrained model: 6.3%).
 MODES = {
