@@ -137,7 +137,7 @@ def test_layer_through_dispatch(device):
 
 @pytest.mark.parametrize("r_max,r,dtype", [(128, 128, torch.bfloat16), (256, 201, torch.float32)])
 def test_large_ranks(device, r_max, r, dtype):
-    """128- and 256-wide rank blocks (the largest supported); their sm_90 fit is checked in sm90_compile.py."""
+    """128- and 256-wide rank blocks (the largest supported); their fit on each GPU is checked in arch_compile.py."""
     case, r = _case(device, 19, 40, 36, r_max, r)
     _compare(case, r, dtype)
 
