@@ -70,7 +70,8 @@ def train_lora(data: dict, *, steps: int, lr: float, r: int, seed: int, batch_si
 def format_rank_pattern(pattern: dict[str, int]) -> str:
     """A layers × module-types table of ranks."""
     layers, types, grid = rank_grid(pattern)
-    short = [t.replace("attention.self.", "").replace("attention.output.dense", "attn.out") for t in types]
+    short = [t.replace("attention.self.", "").replace("attention.output.dense", "attn.out")
+             .replace("intermediate.dense", "mlp.in").replace("output.dense", "mlp.out") for t in types]
     width = max(6, *(len(s) for s in short))
     lines = [f"final rank pattern (total {sum(pattern.values())}, initially {len(pattern)}×r):",
              "layer " + " ".join(s.rjust(width) for s in short)]
