@@ -44,10 +44,12 @@ def test_gpu_check_runs_the_benchmark_after_a_failing_test(tmp_path):
     failing = tmp_path / "test_injected.py"
     failing.write_text("def test_injected_failure():\n    assert False, 'injected'\n")
     out = tmp_path / "results.json"
+    # not the variables of a make that runs this suite (`make test PYTEST_ARGS=-q` would pass its -q on)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(
         ["make", "-o", ".venv/.elalora-installed", "gpu-check", f"PY={sys.executable}", f"GPU_CHECK_TESTS={failing}",
          f"GPU_CHECK_ARGS=--smoke --host-only --json {out}"],
-        cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=dict(env, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode != 0, proc.stdout[-4000:]
     assert "1 failed" in proc.stdout and "gpu-check: tests exit 1, benchmark exit 0" in proc.stdout, proc.stdout[-4000:]
