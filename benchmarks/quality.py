@@ -295,6 +295,22 @@ def final_runs(rows: list[dict], task: str, r: int, method: str) -> list[dict]:
                   key=lambda row: row["seed"])
 
 
+def paired(rows: list[dict], task: str, r: int, method: str, against: str, point: Optional[str] = None) -> list[float]:
+    """``method`` − ``against`` per seed (same seed: same head, same batches), each at the lr it picked; test
+    accuracy, or validation accuracy at step ``point``. A seed where either did not learn is left out."""
+    def value(row):
+        return row["test_accuracy"] if point is None else row["val_curve"][point]
+
+    base = {row["seed"]: value(row) for row in final_runs(rows, task, r, against) if row["learned"]}
+    return [value(row) - base[row["seed"]] for row in final_runs(rows, task, r, method)
+            if row["learned"] and row["seed"] in base]
+
+
+def points(diffs: list[float]) -> str:
+    """Differences of accuracy in points: mean ± std, and in how many seeds the first method is ahead."""
+    return f"{mean_std([d * 100 for d in diffs], 1, '+')} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+
+
 def markdown(rows: list[dict], setup: dict = SETUP) -> str:
     steps = setup["steps"]
     short = str(min(setup["eval_at"], key=lambda t: abs(t - SHORT)))
@@ -318,10 +334,9 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
             continue
         lines += ["", f"### {task}", "",
                   f"| r | method | lr (val, seed 0: {' / '.join(f'{lr:g}' for lr in LRS)}) | seeds | "
-                  f"val @ {short} | val @ {steps} | test | Δ test vs LoRA (ahead) | did not learn |",
+                  f"val @ {short} | val @ {steps} | test | Δ test vs LoRA, points (seeds ahead) | did not learn |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in RANKS:
-            lora = {row["seed"]: row["test_accuracy"] for row in final_runs(rows, task, r, "lora")}
             for method in METHODS:
                 seed0 = {row["lr"]: row["val_final"] for row in sel
                          if (row["r"], row["method"], row["seed"]) == (r, method, 0)}
@@ -334,9 +349,8 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                     continue
                 pick = runs[0]["lr"]
                 learned = [row for row in runs if row["learned"]]
-                diffs = [row["test_accuracy"] - lora[row["seed"]] for row in learned if row["seed"] in lora]
-                delta = "" if method == "lora" or not diffs else (
-                    f"{mean_std([d * 100 for d in diffs], 1, '+')} pts ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+                diffs = paired(rows, task, r, method, "lora")
+                delta = "" if method == "lora" or not diffs else points(diffs)
                 failed = [f"s{row['seed']}" for row in runs if not row["learned"]]
                 lines.append(
                     f"| {r} | {NAMES[method]} | **{pick:g}** ({lr_cell}) | {len(runs)} | "
@@ -344,8 +358,32 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                     f"{mean_std([row['val_final'] for row in learned]) if learned else '–'} | "
                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
                     f"{', '.join(failed) or 'none'} |")
-    lines += objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
+    lines += comparisons(rows, short) + objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
     return "\n".join(lines)
+
+
+COMPARISONS = (  # (method, against, validation point or None for test): the questions the study answers
+    ("elalora-zero_p", "elalora-paper", None), ("elalora-zero_p", "elalora-paper", "short"),
+    ("elalora-paper", "elalora-paper-fixed", None), ("elalora-zero_p", "elalora-zero_p-fixed", None),
+    ("elalora-paper", "lora", None), ("elalora-zero_p", "lora", None), ("adalora", "lora", None),
+)
+
+
+def comparisons(rows: list[dict], short: str) -> list[str]:
+    """Paired differences per cell and pooled over every seed of every cell: which start, what reallocation buys."""
+    lines = ["", "### Paired differences (points of accuracy: mean ± std over seeds, seeds ahead)", "",
+             "| difference | " + " | ".join(f"{task} r = {r}" for task, r in BLOCKS) + " | all cells |",
+             "|---|" + "---|" * (len(BLOCKS) + 1)]
+    for method, against, point in COMPARISONS:
+        point = short if point == "short" else point
+        per_cell = [paired(rows, task, r, method, against, point) for task, r in BLOCKS]
+        if not any(per_cell):
+            continue
+        pooled = [d for diffs in per_cell for d in diffs]
+        what = "test" if point is None else f"val @ {point}"
+        lines.append(f"| {NAMES[method]} − {NAMES[against]}, {what} | "
+                     + " | ".join(points(d) if d else "–" for d in per_cell) + f" | {points(pooled)} |")
+    return lines
 
 
 def objectives(rows: list[dict]) -> list[str]:

@@ -76,11 +76,31 @@ def test_the_table_flags_runs_that_did_not_learn_and_pairs_seeds():
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[2].startswith(f"**{high:g}**") and cells[3] == "3"
     assert cells[6] == "0.840 ± 0.014"  # seeds 0 and 1 only: seed 2 stayed at the majority class
-    assert cells[7] == "+3.0 ± 0.0 pts (2/2)"  # paired with LoRA's seeds 0 and 1: +3, +3
+    assert cells[7] == "+3.0 ± 0.0 (2/2)"  # paired with LoRA's seeds 0 and 1: +3, +3
     assert cells[8] == "s2"
     assert "LoRA (peft), 4 runs: loss − cross-entropy = 0.000000 … 0.000000" in text
     (line,) = [x for x in text.splitlines() if x.startswith("| 8 | 4 runs |")]  # reallocation-off runs excluded
     assert line.endswith("| 11 | 1 (cap 10) | 0 (cap 12) | 0 (cap 16) |")
+
+
+def test_paired_differences_per_cell_and_pooled_answer_which_start():
+    """zero_p − paper: per seed at each method's own picked lr, a seed that did not learn left out, then pooled."""
+    low, high = quality.LRS
+    rows = []
+    for task, r, seeds in (("movies", 8, {0: (0.80, 0.83), 1: (0.81, 0.80)}), ("tweets", 2, {0: (0.70, 0.74)})):
+        for method, pick in (("elalora-paper", low), ("elalora-zero_p", high)):
+            other = high if pick == low else low
+            rows.append(_row(method, other, 0, 0.10, 0.99, task=task, r=r))  # the lr not picked: never counted
+            for seed, accs in seeds.items():
+                acc = accs[method == "elalora-zero_p"]
+                rows.append(_row(method, pick, seed, 0.5, acc, task=task, r=r))
+    rows.append(_row("elalora-zero_p", high, 2, 0.5, 0.53, task="movies", r=8))  # did not learn
+    rows.append(_row("elalora-paper", low, 2, 0.5, 0.90, task="movies", r=8))
+    assert [round(d, 3) for d in quality.paired(rows, "movies", 8, "elalora-zero_p", "elalora-paper")] == [0.03, -0.01]
+    (line,) = [x for x in quality.markdown(rows).splitlines() if x.startswith('| ElaLoRA, init="zero_p" − ElaLoRA, '
+                                                                             'init="paper", test')]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[1:] == ["+1.0 ± 2.8 (1/2)", "–", "–", "+4.0 (1/1)", "+2.0 ± 2.6 (2/3)"]
 
 
 @pytest.mark.slow
