@@ -308,9 +308,9 @@ def test_invalid_allocator_state_changes_nothing(tmp_path):
 
 def test_version_1_save_still_loads(tmp_path):
     """A directory of the earlier layout (elalora's format under PEFT's names, files paired by SHA-256) loads."""
-    model, cfg = adapted()
+    model, cfg = adapted(init="paper")  # the start it was saved with: a resumed allocator's config must match
     fresh = Toy(seed=0)
-    elalora.inject(fresh, config(seed=7))
+    elalora.inject(fresh, config(seed=7, init="paper"))
     alloc = elalora.RankAllocator(fresh, cfg)
     load_adapter(fresh, VERSION_1_SAVE, allocator=alloc)
     with torch.no_grad():

@@ -97,7 +97,8 @@ def test_inactive_slots_get_zero_grad_when_compiled():
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = ElaLoRALinear(8, 6, r=2, r_max=4)
-    with torch.no_grad():
+    with torch.no_grad():  # every factor non-zero, whichever start: each active slot's factors get a gradient
+        layer.lora_P.normal_()
         layer.lora_lam.normal_()
     compiled = torch.compile(layer, backend="aot_eager")
     compiled(torch.randn(5, 8)).pow(2).sum().backward()
