@@ -200,9 +200,10 @@ class ElaLoRALinear(nn.Module):
             self.scale,
             self.lora_dropout if self.training else 0.0,
         )
-        if self.training and not self.has_allocator and not _warned_no_allocator and self.lora_lam.requires_grad:
-            # eager only: a tensor hook inside a compiled graph would break fullgraph=True
-            if out.requires_grad and not torch.compiler.is_compiling():
+        # Eager only, and tested first: a tensor hook inside a compiled graph would break fullgraph=True, and a
+        # compiled forward that read the flag would be guarded on it and recompile once the warning had fired.
+        if not torch.compiler.is_compiling() and self.training and not self.has_allocator and not _warned_no_allocator:
+            if self.lora_lam.requires_grad and out.requires_grad:
                 out.register_hook(_warn_no_allocator)
         return out
 

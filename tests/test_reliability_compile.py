@@ -116,3 +116,22 @@ def test_compiles_without_graph_breaks():
     model, _ = U.build()
     x, _ = U.batch(0)
     torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()
+
+
+def test_the_no_allocator_warning_firing_does_not_recompile(monkeypatch):
+    """A model trained without an allocator warns once, from an eager backward; a compiled forward must not be
+    guarded on that flag, or the warning recompiles every compiled adapter (it once did, in test order)."""
+    import elalora.layer
+
+    monkeypatch.setattr(elalora.layer, "_warned_no_allocator", False)
+    torch._dynamo.reset()
+    layer = ElaLoRALinear(8, 6, r=2, r_max=4)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    x = torch.randn(5, 8)
+    compiled(x).sum().backward()
+    with pytest.warns(elalora.NoAllocatorWarning):
+        layer(x).sum().backward()  # eager: the hook fires and sets the flag
+    assert elalora.layer._warned_no_allocator
+    compiled(x).sum().backward()
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
