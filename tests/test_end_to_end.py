@@ -57,20 +57,26 @@ def _model_and_tokenize(source):
     return model, tokenize, [*model.classifier.parameters(), model.bert.embeddings.word_embeddings.weight]
 
 
+# (source, init, lr): constant lr, no warm-up. The zero_p start trains P from step 1, as LoRA trains B, and
+# needs LoRA's smaller lr: at 5e-3 this loop diverges on MiniLM under it, as PEFT LoRA does at 5e-3 in the
+# quality study; the paper's start moves only λ at first and wants the larger lr to get going in 70 steps.
+RUNS = [("minilm", "paper", 5e-3), ("minilm", "zero_p", 2e-3), ("tiny", "paper", 2e-2), ("tiny", "zero_p", 2e-2)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["minilm", "tiny"])
-def test_training_loss_falls_and_ranks_move(source):
+@pytest.mark.parametrize("source, init, lr", RUNS, ids=[f"{s}-{i}" for s, i, _ in RUNS])
+def test_training_loss_falls_and_ranks_move(source, init, lr):
     torch.manual_seed(0)
     model, tokenize, also_trained = _model_and_tokenize(source)
     config = elalora.ElaLoRAConfig(
         r=4, r_max=8, lora_alpha=8, target_modules=("query", "key", "value", "output.dense", "intermediate.dense"),
-        t_init=10, t_final=10, total_steps=70, mask_interval=10, b=4, k=2, seed=0,
+        t_init=10, t_final=10, total_steps=70, mask_interval=10, b=4, k=2, seed=0, init=init,
     )
     names = elalora.adapted_names(elalora.inject(model, config))
     assert len(names) == 6 * model.config.num_hidden_layers
     for p in also_trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3 if source == "minilm" else 2e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     allocator = elalora.RankAllocator(model, config, optimizer)
     start_pattern, total = allocator.rank_pattern(), allocator.total_rank()
 
