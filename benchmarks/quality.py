@@ -399,24 +399,25 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                     f"{mean_std([row['val_final'] for row in learned]) if learned else '–'} | "
                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
                     f"{', '.join(failed) or 'none'} |")
-    lines += comparisons(rows, short) + objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
+    lines += comparisons(rows, str(min(setup["eval_at"])), short) + objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
     return "\n".join(lines)
 
 
-COMPARISONS = (  # (method, against, validation point or None for test): the questions the study answers
-    ("elalora-zero_p", "elalora-paper", None), ("elalora-zero_p", "elalora-paper", "short"),
+COMPARISONS = (  # (method, against, None for test, or "first" / "short": validation at the first / SHORT step)
+    ("elalora-zero_p", "elalora-paper", None), ("elalora-zero_p", "elalora-paper", "first"),
+    ("elalora-zero_p", "elalora-paper", "short"),
     ("elalora-paper", "elalora-paper-fixed", None), ("elalora-zero_p", "elalora-zero_p-fixed", None),
     ("elalora-paper", "lora", None), ("elalora-zero_p", "lora", None), ("adalora", "lora", None),
 )
 
 
-def comparisons(rows: list[dict], short: str) -> list[str]:
+def comparisons(rows: list[dict], first: str, short: str) -> list[str]:
     """Paired differences per cell and pooled over every seed of every cell: which start, what reallocation buys."""
     lines = ["", "### Paired differences (points of accuracy: mean ± std over seeds, seeds ahead)", "",
              "| difference | " + " | ".join(f"{task} r = {r}" for task, r in BLOCKS) + " | all cells |",
              "|---|" + "---|" * (len(BLOCKS) + 1)]
     for method, against, point in COMPARISONS:
-        point = short if point == "short" else point
+        point = {"first": first, "short": short}.get(point, point)
         per_cell = [paired(rows, task, r, method, against, point) for task, r in BLOCKS]
         if not any(per_cell):
             continue
