@@ -70,11 +70,12 @@ class ElaLoRAConfig:
           it is not rescaled when a layer's rank changes (as in the authors'
           code and AdaLoRA).
       lora_dropout [0.0]: dropout on the adapter's input only.
-      init ["paper"]: how each adapter starts; ΔW = 0 under both. "paper":
-          P, Q ~ N(0, 0.02²), λ = 0, so at first only λ has a task gradient.
+      init ["zero_p"; "paper"]: how each adapter starts; ΔW = 0 under both.
           "zero_p": P = 0, λ = 1, Q ~ N(0, 0.02²), as LoRA starts B = 0: every
-          entry of P learns from the first step (faster start on short runs;
-          see benchmarks/RESULTS.md).
+          entry of P learns from the first step. "paper": P, Q ~ N(0, 0.02²),
+          λ = 0, so at first only λ has a task gradient. The default is the
+          start the quality study supports (benchmarks/RESULTS.md); "zero_p"
+          wants LoRA's learning rates, "paper" tolerates larger ones.
 
     Which modules
       target_modules [None]: names of the layers to adapt: suffixes ("query"
@@ -137,7 +138,7 @@ class ElaLoRAConfig:
     rank_scheduler: bool = True
     orth_reg: float = 0.1
     seed: int = 0
-    init: str = "paper"
+    init: str = "zero_p"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r_max", resolve_r_max(self.r, self.r_max, "ElaLoRAConfig."))

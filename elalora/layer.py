@@ -74,7 +74,7 @@ class ElaLoRALinear(nn.Module):
         r_max: int | None = None,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
-        init: str = "paper",
+        init: str = "zero_p",
         device=None,
         dtype=None,
         generator: torch.Generator | None = None,
@@ -100,7 +100,7 @@ class ElaLoRALinear(nn.Module):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         generator: torch.Generator | None = None,
-        init: str = "paper",
+        init: str = "zero_p",
     ) -> "ElaLoRALinear":
         """Wrap an ``nn.Linear`` or a transformers ``Conv1D``; its weight and bias Parameters are shared, not copied."""
         conv1d = conv1d_class()

@@ -40,7 +40,7 @@ from elalora.viz import plot_run, rank_grid  # noqa: E402
 
 TASK = "movies"
 # lr, lora_lr: the study's validation picks at movies, r = 8 (seed 0) for default ElaLoRA and for PEFT LoRA.
-DEFAULTS = dict(steps=250, lr=5e-3, lora_lr=2e-3, r=8, seed=0, threads=2, batch_size=32)
+DEFAULTS = dict(steps=250, lr=2e-3, lora_lr=2e-3, r=8, seed=0, threads=2, batch_size=32)
 
 
 def train_elalora(data: dict, *, steps: int, lr: float, r: int, seed: int, batch_size: int):
