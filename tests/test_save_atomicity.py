@@ -100,23 +100,27 @@ def test_writer_killed_at_random_moments_never_loses_the_previous_save(tmp_path)
 
     rng = random.Random(0)
     seen = {"a": 0, "b": 0}
-    for _ in range(20):
+    for i in range(20):
         started, ready = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the writer
+        if pid == 0:  # the writer: one byte down the pipe as each save starts
             try:
-                os.write(ready, b".")
                 while True:
-                    save_adapter(b, tmp_path, allocator=alloc_b)
-                    save_adapter(a, tmp_path, allocator=alloc_a)
+                    for name, model, alloc in (("b", b, alloc_b), ("a", a, alloc_a)):
+                        os.write(ready, name.encode())
+                        save_adapter(model, tmp_path, allocator=alloc)
             finally:
                 os._exit(0)
-        os.read(started, 1)  # the moment is drawn from the writer's start, not from the fork's
-        os.close(started)
         os.close(ready)
-        time.sleep(rng.uniform(0, 2.5 * one_save))
+        # The moment is drawn from the start of a save of each kind in turn, not from the fork's: a writer
+        # slower than the parent's timing (a fresh machine's first saves) once took every kill in its first save.
+        target = "ab"[i % 2].encode()
+        while (byte := os.read(started, 1)) != target:
+            assert byte, "the writer died before its next save"
+        time.sleep(rng.uniform(0, 1.5 * one_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(started)
         got = _loaded_output(tmp_path, cfg)  # one complete save: loads, and its allocator state pairs
         which = [k for k, out in expected.items() if torch.equal(got, out)]
         assert len(which) == 1
