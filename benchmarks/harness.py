@@ -66,6 +66,12 @@ def split(examples: list, n_val: int, n_test: int, seed: int = SPLIT_SEED) -> Sp
     return Split(train=pick[n_val + n_test:], val=pick[n_test:n_test + n_val], test=pick[:n_test])
 
 
+def majority_accuracy(labels: list[int]) -> float:
+    """Accuracy of always predicting the more frequent label: what a model that did not learn scores."""
+    positive = sum(labels) / len(labels)
+    return max(positive, 1 - positive)
+
+
 @dataclass
 class Encoded:
     input_ids: torch.Tensor  # [N, L] int64, padded with 0
@@ -85,9 +91,7 @@ class Encoded:
         return Encoded(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
 
     def majority_accuracy(self) -> float:
-        """Accuracy of always predicting the more frequent label: what a model that did not learn scores."""
-        positive = float(self.labels.float().mean())
-        return max(positive, 1 - positive)
+        return majority_accuracy(self.labels.tolist())
 
 
 def model_path() -> str:

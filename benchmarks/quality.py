@@ -207,9 +207,8 @@ def run_key(row: dict) -> tuple:
 @functools.lru_cache(maxsize=None)
 def val_majority(task: str, n_val: int, n_test: int) -> float:
     """The validation split's majority-class accuracy (labels only: no tokenizer)."""
-    labels = [y for _, y in harness.split(harness.load_sentiment(harness.TASKS[task]), n_val, n_test).val]
-    positive = sum(labels) / len(labels)
-    return max(positive, 1 - positive)
+    parts = harness.split(harness.load_sentiment(harness.TASKS[task]), n_val, n_test)
+    return harness.majority_accuracy([y for _, y in parts.val])
 
 
 def learned_on_val(row: dict) -> bool:
@@ -378,12 +377,11 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in RANKS:
             for method in METHODS:
-                seed0 = {row["lr"]: row["val_final"] for row in sel
-                         if (row["r"], row["method"], row["seed"]) == (r, method, 0)}
+                seed0 = seed0_runs(rows, task, r, method)
                 if not seed0:
                     continue
                 shown = LRS + tuple(lr for lr in FALLBACK_LRS if lr in seed0)
-                lr_cell = " / ".join(f"{seed0[lr]:.3f}" if lr in seed0 else "–" for lr in shown)
+                lr_cell = " / ".join(f"{seed0[lr]['val_final']:.3f}" if lr in seed0 else "–" for lr in shown)
                 runs = final_runs(rows, task, r, method)
                 if not runs:
                     lines.append(f"| {r} | {NAMES[method]} | {lr_cell} | 0 | | | | | |")
@@ -399,7 +397,8 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                     f"{mean_std([row['val_final'] for row in learned]) if learned else '–'} | "
                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
                     f"{', '.join(failed) or 'none'} |")
-    lines += comparisons(rows, str(min(setup["eval_at"])), short) + objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
+    lines += comparisons(rows, str(min(setup["eval_at"])), short)
+    lines += objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
     return "\n".join(lines)
 
 
