@@ -151,17 +151,24 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int, lengths: torch.T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128) -> float:
+def correct(model: nn.Module, data: Encoded, batch_size: int = 128) -> torch.Tensor:
+    """Whether the model classifies each example right: bool [N], in the order of ``data``."""
     was_training = model.training
     model.eval()
-    correct = 0
+    right = torch.zeros(len(data), dtype=torch.bool)
     order = torch.argsort(data.attention_mask.sum(1))  # similar lengths together: little padding
     for i in range(0, len(data), batch_size):
-        batch = data.batch(order[i:i + batch_size])
+        index = order[i:i + batch_size]
+        batch = data.batch(index)
         labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        right[index] = model(**batch).logits.argmax(-1) == labels
     model.train(was_training)
-    return correct / len(data)
+    return right
+
+
+def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128) -> float:
+    """Accuracy on ``data``."""
+    return correct(model, data, batch_size).sum().item() / len(data)
 
 
 @dataclass

@@ -80,12 +80,17 @@ NAMES = {"lora": "LoRA (peft)", "adalora": "AdaLoRA (peft)", "elalora-paper": 'E
          "elalora-paper-fixed": 'ElaLoRA, init="paper", reallocation off',
          "elalora-zero_p": 'ElaLoRA, init="zero_p"', "elalora-zero_p-fixed": 'ElaLoRA, init="zero_p", reallocation off'}
 DID_NOT_LEARN = 0.02  # a run ending within this of the majority-class accuracy
-
-
-def elalora_schedule(steps: int) -> dict:
-    """The schedule scaled to the run: warm-up ~15%, stabilisation ~25%, a round every ~8% of the steps."""
-    return dict(t_init=max(1, round(0.15 * steps)), t_final=max(1, round(0.25 * steps)),
-                mask_interval=max(1, round(0.08 * steps)))
+DEFAULT = "elalora-zero_p"  # ElaLoRAConfig's defaults
+# The headline pairs at r = 2, 10 seeds each: the default against PEFT LoRA, and against itself with
+# reallocation off at the default's lr (so that only the rank movement differs between the arms).
+HEADLINE_CELLS = (("movies", 2), ("tweets", 2))
+HEADLINE_PAIRS = ((DEFAULT, "lora"), (DEFAULT, f"{DEFAULT}-fixed"))
+HEADLINE_METHODS = tuple(dict.fromkeys(m for pair in HEADLINE_PAIRS for m in pair))
+HEADLINE_SEEDS = tuple(range(10))
+# The longer cell: 750 steps (~2.7 passes over movies' training split), the headline methods, 3 seeds, each at
+# its headline lr from the 250-step grid (picked there on validation).
+LONG = dict(SETUP, steps=750, eval_at=(50, 125, 250, 375, 500, 625, 750))
+LONG_CELL = ("movies", 2)
 
 
 # ------------------------------------------------------------------ one run
@@ -99,20 +104,20 @@ class Run:
 def build(method: str, r: int, seed: int, steps: int) -> Run:
     """Load the model with a fresh head (drawn from ``seed``) and wrap it for ``method``."""
     model = harness.load_model(seed)
-    schedule = elalora_schedule(steps)
+    schedule = ElaLoRAConfig(r=r).for_run(steps)  # the library's default schedule for a run of this length
     if method == "lora":
         cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGETS))
         run = Run(get_peft_model(model, cfg))
     elif method == "adalora":
         cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=math.ceil(1.5 * r), target_r=r, lora_alpha=2 * r,
-                            lora_dropout=0.0, target_modules=list(TARGETS), tinit=schedule["t_init"],
-                            tfinal=schedule["t_final"], deltaT=schedule["mask_interval"], beta1=0.85, beta2=0.85,
+                            lora_dropout=0.0, target_modules=list(TARGETS), tinit=schedule.t_init,
+                            tfinal=schedule.t_final, deltaT=schedule.mask_interval, beta1=0.85, beta2=0.85,
                             total_step=steps)
         run = Run(get_peft_model(model, cfg))
         run.hooks.after_step = run.model.base_model.update_and_allocate  # as PEFT documents
     elif method in ELALORA:
         fields = dict(r=r, r_max=2 * r, lora_alpha=2.0 * r, target_modules=TARGETS, task_type="SEQ_CLS", b=4, k=2,
-                      total_steps=steps, seed=seed, **schedule)
+                      total_steps=steps, seed=seed)  # t_init, t_final, mask_interval: the defaults
         cfg = ElaLoRAConfig(**{**fields, **ELALORA[method]})
         inject(model, cfg)  # the classifier is in modules_to_save and trains fully
         run = Run(model)
@@ -148,16 +153,18 @@ def run_one(spec: dict, data: dict, setup: dict) -> dict:
     result = harness.train(run.model, data["train"], steps=setup["steps"], batch_size=setup["batch_size"], lr=lr,
                            seed=seed, hooks=run.hooks, val=data["val"], eval_at=setup["eval_at"])
     test = data["test"]
+    test_correct = harness.correct(run.model, test)
     row.update(
         val_curve={str(t): acc for t, acc in result.curve.items()}, val_final=result.curve[setup["steps"]],
-        test_accuracy=harness.evaluate(run.model, test), test_majority=test.majority_accuracy(),
+        test_accuracy=test_correct.sum().item() / len(test), test_majority=test.majority_accuracy(),
+        test_correct="".join("1" if c else "0" for c in test_correct.tolist()),  # per example, for paired analyses
         loss_curve=[round(statistics.mean(chunk), 4) for chunk in split_evenly(result.losses, 10)],
         trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         adapter_params=adapter_params(method, run.model),
         optimizer_state_bytes=result.optimizer_state_bytes,
         train_cpu_seconds=round(result.cpu_seconds, 1), train_wall_seconds=round(result.wall_seconds, 1),
         threads=torch.get_num_threads(), setup=setup)
-    row["learned"] = row["test_accuracy"] > row["test_majority"] + DID_NOT_LEARN
+    row["learned"] = learned_on_val(row)  # rows before this field was judged on validation: tables recompute it
     if run.allocator is not None:
         row.update(capacity_record(run.allocator, r))
     return row
@@ -192,7 +199,10 @@ def capacity_record(allocator, r: int) -> dict:
     passed_over = sorted({name for rec in allocator.history for name in rec.passed_over})
     return dict(r_max=allocator.config.r_max, rounds=len(allocator.history),
                 ranks_moved=sum(rec.moved for rec in allocator.history), peak_ranks=peak,
-                passed_over=passed_over, final_ranks=list(allocator.rank_pattern().values()))
+                passed_over=passed_over, final_ranks=list(allocator.rank_pattern().values()),
+                layers=list(allocator.names),
+                rank_history=[dict(step=rec.step, pruned=rec.pruned, expanded=rec.expanded, ranks=rec.ranks)
+                              for rec in allocator.history])
 
 
 # ------------------------------------------------------------------ the grid
@@ -241,9 +251,20 @@ def picked_lr(rows: list[dict], task: str, r: int, method: str) -> Optional[floa
     return max(sorted(learned), key=lambda lr: seed0[lr]["val_final"])
 
 
+def headline_lr(rows: list[dict], task: str, r: int, method: str) -> Optional[float]:
+    """A headline run's lr: the method's own validation pick; reallocation off runs at the default's."""
+    return picked_lr(rows, task, r, DEFAULT if method == f"{DEFAULT}-fixed" else method)
+
+
+def headline_specs(lr_rows: list[dict], task: str, r: int, seeds, methods=HEADLINE_METHODS) -> list[dict]:
+    """The headline methods' runs at their headline lrs (from ``lr_rows``), once those lrs are known."""
+    lrs = {m: headline_lr(lr_rows, task, r, m) for m in methods if m in HEADLINE_METHODS}
+    return [dict(task=task, r=r, method=m, lr=lr, seed=s) for s in seeds for m, lr in lrs.items() if lr is not None]
+
+
 def plan(rows: list[dict], tasks=None, methods=METHODS) -> list[dict]:
     """Every run still to do that can start now, block by block: the lr selection (seed 0 at each lr),
-    then the other seeds of each method whose lr is picked."""
+    then the other seeds of each method whose lr is picked; then the headline cells' ten seeds."""
     done = {run_key(row) for row in rows}
     todo = []
     for task, r in BLOCKS:
@@ -255,8 +276,16 @@ def plan(rows: list[dict], tasks=None, methods=METHODS) -> list[dict]:
             lr = picked_lr(rows, task, r, method)
             if lr is not None:
                 specs += [dict(task=task, r=r, method=method, lr=lr, seed=s) for s in SEEDS[1:]]
+        if (task, r) in HEADLINE_CELLS:
+            specs += headline_specs(rows, task, r, HEADLINE_SEEDS, methods)
         todo += [spec for spec in specs if run_key(spec) not in done]
-    return todo
+    return list({run_key(spec): spec for spec in todo}.values())
+
+
+def plan_long(grid_rows: list[dict], rows: list[dict]) -> list[dict]:
+    """The longer cell's runs still to do, at the lrs the 250-step grid (``grid_rows``) picked."""
+    done = {run_key(row) for row in rows}
+    return [spec for spec in headline_specs(grid_rows, *LONG_CELL, SEEDS) if run_key(spec) not in done]
 
 
 def claim_path(claims: Path, spec: dict) -> Path:
@@ -292,14 +321,17 @@ def read_rows(path: Path, setup: dict = SETUP) -> list[dict]:
     return [row for row in rows if row.get("setup") == json.loads(json.dumps(setup))]
 
 
-def work(jsonl: Path, setup: dict, tasks=None, methods=METHODS, limit: Optional[int] = None) -> int:
-    """Run planned runs until none is left (or ``limit`` ran); returns how many this worker ran."""
-    claims = jsonl.with_suffix(".claims")
+def work(jsonl: Path, setup: dict, tasks=None, methods=METHODS, limit: Optional[int] = None, planner=None) -> int:
+    """Run planned runs until none is left (or ``limit`` ran); returns how many this worker ran.
+    ``planner(rows)`` lists the runs still to do (default: the grid's ``plan``)."""
+    planner = planner or (lambda rows: plan(rows, tasks, methods))
+    # one claims folder per run length: a 750-step run and a 250-step run of the same key are different runs
+    claims = jsonl.with_suffix(".claims" if setup["steps"] == SETUP["steps"] else f".{setup['steps']}-claims")
     claims.mkdir(parents=True, exist_ok=True)
     data: dict = {}
     ran = 0
     while limit is None or ran < limit:
-        spec = next((s for s in plan(read_rows(jsonl, setup), tasks, methods) if claim(claims, s)), None)
+        spec = next((s for s in planner(read_rows(jsonl, setup)) if claim(claims, s)), None)
         if spec is None:
             return ran
         try:
@@ -337,9 +369,9 @@ def paired(rows: list[dict], task: str, r: int, method: str, against: str, point
     def value(row):
         return row["test_accuracy"] if point is None else row["val_curve"][point]
 
-    base = {row["seed"]: value(row) for row in final_runs(rows, task, r, against) if row["learned"]}
+    base = {row["seed"]: value(row) for row in final_runs(rows, task, r, against) if learned_on_val(row)}
     return [value(row) - base[row["seed"]] for row in final_runs(rows, task, r, method)
-            if row["learned"] and row["seed"] in base]
+            if learned_on_val(row) and row["seed"] in base]
 
 
 def points(diffs: list[float]) -> str:
@@ -364,8 +396,8 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
         f"Where neither {' nor '.join(f'{lr:g}' for lr in LRS)} left the majority class on validation, "
         f"{', then '.join(f'{lr:g}' for lr in FALLBACK_LRS)} were tried (seed 0). "
         "Δ vs LoRA is the paired per-seed difference of test accuracy (same seeds, same batches): mean ± std, and in "
-        "how many seeds the method is ahead. A run is marked *did not learn* when its test accuracy ends within "
-        f"{DID_NOT_LEARN * 100:.0f} points of the majority class.",
+        "how many seeds the method is ahead. A run is marked *did not learn* when its final validation accuracy ends "
+        f"within {DID_NOT_LEARN * 100:.0f} points of the validation majority class.",
     ]
     for task in dict.fromkeys(t for t, _ in BLOCKS):
         sel = [row for row in rows if row["task"] == task]
@@ -387,10 +419,10 @@ def markdown(rows: list[dict], setup: dict = SETUP) -> str:
                     lines.append(f"| {r} | {NAMES[method]} | {lr_cell} | 0 | | | | | |")
                     continue
                 pick = runs[0]["lr"]
-                learned = [row for row in runs if row["learned"]]
+                learned = [row for row in runs if learned_on_val(row)]
                 diffs = paired(rows, task, r, method, "lora")
                 delta = "" if method == "lora" or not diffs else points(diffs)
-                failed = [f"s{row['seed']}" for row in runs if not row["learned"]]
+                failed = [f"s{row['seed']}" for row in runs if not learned_on_val(row)]
                 lines.append(
                     f"| {r} | {NAMES[method]} | **{pick:g}** ({lr_cell}) | {len(runs)} | "
                     f"{mean_std([row['val_curve'][short] for row in learned]) if learned else '–'} | "
@@ -516,6 +548,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", default=None, help="task=val:test,... smaller splits (smoke tests)")
     p.add_argument("--write-md", action="store_true", help="write the tables from --jsonl into RESULTS.md")
     p.add_argument("--status", action="store_true", help="print how far the grid got")
+    p.add_argument("--long", action="store_true", help=f"the longer cell ({LONG['steps']} steps) instead of the grid")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     setup = dict(SETUP)
@@ -529,16 +562,22 @@ def main(argv=None) -> int:
         setup["splits"] = splits
     jsonl = Path(args.jsonl)
     rows = read_rows(jsonl, setup)
+    long_setup = dict(setup, steps=LONG["steps"], eval_at=LONG["eval_at"])
     if args.write_md:
-        write_section(markdown(rows, setup))
+        write_section(markdown(rows, setup, read_rows(jsonl, long_setup)))
         return 0
     tasks = args.tasks.split(",") if args.tasks else None
     methods = tuple(args.methods.split(","))
+    planner = None
+    if args.long:
+        planner = functools.partial(plan_long, rows)  # the lrs come from the grid's rows
+        setup = long_setup
     if args.status:
-        print(f"{len(rows)} runs done; {len(plan(rows, tasks, methods))} can start now")
+        todo = (planner or (lambda done: plan(done, tasks, methods)))(read_rows(jsonl, setup))
+        print(f"{len(read_rows(jsonl, setup))} runs done; {len(todo)} can start now")
         return 0
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    work(jsonl, setup, tasks, methods, args.limit)
+    work(jsonl, setup, tasks, methods, args.limit, planner)
     return 0
 
 

@@ -101,7 +101,7 @@ class RankAllocator:
         total_steps = total_steps if total_steps is not None else config.total_steps
         if total_steps is None:
             raise ValueError("RankAllocator: total_steps is required (pass it or set config.total_steps)")
-        self.config = config.replace(total_steps=total_steps)
+        self.config = config.for_run(total_steps)  # the schedule fields left None follow from total_steps
         named = adapter_layers(model)
         if not named:
             raise ValueError("RankAllocator: model has no ElaLoRALinear layers (call elalora.inject first)")

@@ -13,6 +13,9 @@ from .architectures import TASK_TYPES
 
 # How an adapter starts (ElaLoRAConfig.init, ElaLoRALinear(init=...)); ΔW = 0 under each.
 INITS = ("paper", "zero_p")
+# The schedule fields left None follow from the run's length T: (fraction of T, smallest value). The
+# fractions are those the quality study ran (benchmarks/RESULTS.md); round() as Python rounds (halves to even).
+SCHEDULE_FRACTIONS = {"t_init": (0.15, 0), "t_final": (0.25, 0), "mask_interval": (0.08, 1)}
 
 
 def _fail(name: str, rule: str, value, where: str = "ElaLoRAConfig.") -> None:
@@ -100,11 +103,16 @@ class ElaLoRAConfig:
       total_steps [None]: optimizer steps T of the run. May stay None when
           RankAllocator is given it (the Trainer callback passes the
           Trainer's). t_init + t_final < total_steps is required.
-      t_init [200; 300 on RTE]: warm-up, t ≤ t_init: scores accumulate,
-          ranks stay.
-      t_final [200; 500 on RTE]: the last t_final steps: ranks frozen, scores
-          no longer updated.
-      mask_interval [50; 50 on RTE]: steps between two rounds of phase 2.
+      t_init [round(0.15·T); 300 of ~2,500 on RTE]: warm-up, t ≤ t_init:
+          scores accumulate, ranks stay.
+      t_final [round(0.25·T); 500 on RTE]: the last t_final steps: ranks
+          frozen, scores no longer updated.
+      mask_interval [max(1, round(0.08·T)); 50 on RTE]: steps between two
+          rounds of phase 2.
+          Left None, these three follow from T when the run's length is
+          known (``for_run``), so the default fits any run length: the
+          fractions are the schedule the quality study measured at T = 250
+          (38 / 62 / 20). A value given explicitly is used as it is.
       b [4; 4]: ranks a round moves at the start of phase 2: the b weakest
           are pruned and as many new ranks added; 0 turns rounds off.
       k [2; 2]: the most ranks one matrix may lose, or gain, in one round.
@@ -131,9 +139,9 @@ class ElaLoRAConfig:
     beta2: float = 0.85
     b: int = 4
     k: int = 2
-    t_init: int = 200
-    t_final: int = 200
-    mask_interval: int = 50
+    t_init: Optional[int] = None
+    t_final: Optional[int] = None
+    mask_interval: Optional[int] = None
     total_steps: Optional[int] = None
     rank_scheduler: bool = True
     orth_reg: float = 0.1
@@ -148,9 +156,12 @@ class ElaLoRAConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("b", "k", "t_init", "t_final", "mask_interval", "seed"):
+        for name in ("b", "k", "seed"):
             if not is_int(getattr(self, name)):
                 _fail(name, "must be an int", getattr(self, name))
+        for name in SCHEDULE_FRACTIONS:
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                _fail(name, "must be an int or None (None: follow from total_steps)", getattr(self, name))
         if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
             _fail("lora_alpha", "must be a finite number > 0", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
@@ -163,19 +174,20 @@ class ElaLoRAConfig:
             _fail("b", "must be >= 0", self.b)
         if self.k < 1:
             _fail("k", "must be >= 1", self.k)
-        if self.t_init < 0:
+        if self.t_init is not None and self.t_init < 0:
             _fail("t_init", "must be >= 0", self.t_init)
-        if self.t_final < 0:
+        if self.t_final is not None and self.t_final < 0:
             _fail("t_final", "must be >= 0", self.t_final)
-        if self.mask_interval < 1:
+        if self.mask_interval is not None and self.mask_interval < 1:
             _fail("mask_interval", "must be >= 1", self.mask_interval)
         if self.total_steps is not None:
             if not is_int(self.total_steps) or self.total_steps < 1:
                 _fail("total_steps", "must be an int >= 1 or None", self.total_steps)
-            if self.t_init + self.t_final >= self.total_steps:
+            t_init, t_final, _ = self._schedule(self.total_steps)
+            if t_init + t_final >= self.total_steps:
                 _fail(
                     "total_steps",
-                    f"must be > t_init + t_final = {self.t_init} + {self.t_final}"
+                    f"must be > t_init + t_final = {t_init} + {t_final}"
                     " (t_init + t_final must be < total_steps)",
                     self.total_steps,
                 )
@@ -189,6 +201,19 @@ class ElaLoRAConfig:
         _check_module_names("modules_to_save", self.modules_to_save)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             _fail("task_type", f"must be None or one of {TASK_TYPES}", self.task_type)
+
+    def _schedule(self, total_steps: int) -> tuple[int, int, int]:
+        """(t_init, t_final, mask_interval) for a run of ``total_steps``: each given value, else its fraction."""
+        return tuple(
+            getattr(self, name) if getattr(self, name) is not None else max(minimum, round(fraction * total_steps))
+            for name, (fraction, minimum) in SCHEDULE_FRACTIONS.items()
+        )
+
+    def for_run(self, total_steps: int) -> "ElaLoRAConfig":
+        """The config of a run of ``total_steps`` optimizer steps: total_steps set, and t_init, t_final and
+        mask_interval filled in where they were left None (validated: raises ValueError if they do not fit)."""
+        t_init, t_final, mask_interval = self._schedule(total_steps) if is_int(total_steps) else (None,) * 3
+        return self.replace(total_steps=total_steps, t_init=t_init, t_final=t_final, mask_interval=mask_interval)
 
     @property
     def scale(self) -> float:

@@ -171,11 +171,13 @@ class ElaLoRACallback(TrainerCallback):
                 "ElaLoRACallback: the model has no ElaLoRA adapters; call elalora.inject(model, config) first"
             )
         total = int(state.max_steps)
-        if self.config.t_init + self.config.t_final >= total:
+        try:
+            self.config.for_run(total)  # the same schedule rule as RankAllocator's
+        except ValueError as err:
             raise ValueError(
-                f"ElaLoRACallback: the Trainer will run {total} optimizer steps, but the config needs more than "
-                f"t_init + t_final = {self.config.t_init} + {self.config.t_final}; lower them or train longer"
-            )
+                f"ElaLoRACallback: the Trainer will run {total} optimizer steps, which the config's schedule does not "
+                f"fit ({err}); lower t_init / t_final, leave them None, or train longer"
+            ) from None
         self._initial = {n: layer.active_rank for n, layer in adapter_layers(model)}
         self.allocator = RankAllocator(model, self.config, optimizer=unwrap_optimizer(optimizer), total_steps=total)
         if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
