@@ -11,6 +11,7 @@ from torch import Tensor
 
 import elalora_kernels
 
+from . import quantized
 from ._checks import is_int, is_number
 from .config import INITS, resolve_r_max
 
@@ -60,9 +61,13 @@ class ElaLoRALinear(nn.Module):
 
     Wrapping a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``) keeps that
     weight as it is (``fan_in_fan_out``) and hands the kernels its transpose.
+    Wrapping a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` keeps it whole as
+    ``base_layer``: it computes ``y0`` itself and the adapter op adds into it
+    (``elalora.quantized``); the adapter's Parameters are float32.
     """
 
     fan_in_fan_out = False  # True when ``weight`` is stored [in, out], as in transformers' Conv1D
+    quantization = None  # "nf4" / "fp4" / "int8" when the base is a bitsandbytes layer held as ``base_layer``
 
     def __init__(
         self,
@@ -102,14 +107,25 @@ class ElaLoRALinear(nn.Module):
         generator: torch.Generator | None = None,
         init: str = "zero_p",
     ) -> "ElaLoRALinear":
-        """Wrap an ``nn.Linear`` or a transformers ``Conv1D``; its weight and bias Parameters are shared, not copied."""
+        """Wrap an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
+
+        The base's weight and bias Parameters are shared, not copied.
+        """
         conv1d = conv1d_class()
         is_conv1d = conv1d is not None and isinstance(linear, conv1d)
-        if not (isinstance(linear, nn.Linear) or is_conv1d):
-            raise TypeError(f"from_linear expects an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
+        quantization = quantized.base_kind(linear)
+        reason = quantized.unsupported_reason(linear)
+        if reason or not (isinstance(linear, nn.Linear) or is_conv1d):
+            raise TypeError(
+                f"from_linear expects an nn.Linear, transformers' Conv1D or {quantized.SUPPORTED}, "
+                f"got {type(linear).__name__}" + (f" ({reason})" if reason else "")
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.fan_in_fan_out = is_conv1d
+        if quantization is not None:
+            layer.quantization = quantization
+            layer.base_layer = linear
         layer._setup(linear.weight, linear.bias, r, r_max, lora_alpha, lora_dropout, generator, init)
         return layer
 
@@ -125,19 +141,23 @@ class ElaLoRALinear(nn.Module):
             raise TypeError(
                 f"ElaLoRALinear: generator must be a torch.Generator or None (got {type(generator).__name__})"
             )
-        if not weight.is_floating_point():
+        if self.quantization is None and not weight.is_floating_point():
             raise TypeError(f"ElaLoRALinear: weight must be floating point (got {weight.dtype})")
-        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        if self.quantization is not None:  # a packed 4-bit weight's shape is not [out, in]
+            out_features, in_features = self.base_layer.out_features, self.base_layer.in_features
+        else:
+            out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.r_init, self.r_max = r, r_max
         self.scale = lora_alpha / r  # fixed: not rescaled when the rank changes (docs/ALGORITHM.md §1)
         self.lora_dropout = float(lora_dropout)
-        self.weight = weight
-        self.bias = bias
+        if self.quantization is None:  # a quantized base keeps its own Parameters in ``base_layer``
+            self.weight = weight
+            self.bias = bias
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": weight.dtype if self.quantization is None else torch.float32}
         # Drawn on the CPU in float32 so a seed gives the same adapter on every device.
         # Both inits draw the same random numbers, so a seed gives the same Q under either.
         # ΔW = 0 under both: "paper" (docs/ALGORITHM.md §1) has λ = 0, "zero_p" has P = 0 (as LoRA's B = 0).
@@ -167,6 +187,10 @@ class ElaLoRALinear(nn.Module):
         """``W0`` as ``[out, in]`` (a transposed view of a Conv1D weight: writes reach the Parameter)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    @property
+    def base_bias(self) -> Tensor | None:
+        return self.base_layer.bias if self.quantization is not None else self.bias
+
     # ----------------------------------------------------------------- rank
     @property
     def active_rank(self) -> int:
@@ -189,23 +213,44 @@ class ElaLoRALinear(nn.Module):
         # Under torch.compile use every slot with the mask, so that a change of
         # rank changes a buffer's values, not a shape (no recompilation).
         r = self.r_max if torch.compiler.is_compiling() else self._rank
-        out = elalora_kernels.adapter_linear(
-            x,
-            self.base_weight,
-            self.bias,
-            self.lora_P[:, :r],
-            self.lora_lam[:r],
-            self.lora_Q[:r],
-            self.active[:r],
-            self.scale,
-            self.lora_dropout if self.training else 0.0,
-        )
+        if self.quantization is not None:  # y0 = base(x), then the adapter op adds in
+            out = self._add_adapter(self.base_layer(x), x, r)
+        else:
+            # full-size parameters and the rank as a number: no slice on the autograd path
+            out = elalora_kernels.adapter_linear(
+                x,
+                self.base_weight,
+                self.bias,
+                self.lora_P,
+                self.lora_lam,
+                self.lora_Q,
+                self.active,
+                self.scale,
+                self.lora_dropout if self.training else 0.0,
+                rank=r,
+            )
         # Eager only, and tested first: a tensor hook inside a compiled graph would break fullgraph=True, and a
         # compiled forward that read the flag would be guarded on it and recompile once the warning had fired.
         if not torch.compiler.is_compiling() and self.training and not self.has_allocator and not _warned_no_allocator:
             if self.lora_lam.requires_grad and out.requires_grad:
                 out.register_hook(_warn_no_allocator)
         return out
+
+    def _add_adapter(self, y0: Tensor, x: Tensor, r: int) -> Tensor:
+        """``y0`` (a quantized base's output) plus the adapter, computed in the base's compute dtype."""
+        dtype = quantized.compute_dtype(self.base_layer, x)
+        out = elalora_kernels.adapter_add(
+            y0.to(dtype),
+            x.to(dtype),
+            self.lora_P[:, :r].to(dtype),  # autograd casts: gradients come back in float32
+            self.lora_lam[:r].to(dtype),
+            self.lora_Q[:r].to(dtype),
+            self.active[:r],
+            self.scale,
+            self.lora_dropout if self.training else 0.0,
+        )
+        # bitsandbytes returns the input's dtype; under autocast the autocast dtype stands, as for nn.Linear
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(y0.dtype)
 
     def _check_input(self, x) -> None:
         """Reject what F.linear would reject with a cryptic message (or silently accept)."""
@@ -218,8 +263,10 @@ class ElaLoRALinear(nn.Module):
                 f"ElaLoRALinear: input's last dimension must be in_features = {self.in_features} "
                 f"(got shape {tuple(x.shape)})"
             )
-        if x.device != self.weight.device:
-            raise ValueError(f"ElaLoRALinear: input is on {x.device} but the layer is on {self.weight.device}")
+        if x.device != self.lora_P.device:
+            raise ValueError(f"ElaLoRALinear: input is on {x.device} but the layer is on {self.lora_P.device}")
+        if self.quantization is not None:  # bitsandbytes casts any float input to its compute dtype
+            return
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"ElaLoRALinear: input dtype {x.dtype} does not match the layer's {self.weight.dtype} "
@@ -228,17 +275,23 @@ class ElaLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- merge
     def delta_weight(self) -> Tensor:
-        """``ΔW = s·P diag(λ·active) Q``, computed in float32, in the weight's dtype."""
+        """``ΔW = s·P diag(λ·active) Q``, computed in float32, in the weight's dtype (float32 for a quantized base)."""
         r = self._rank
         lam = self.lora_lam[:r].float() * self.active[:r].float()
         delta = (self.lora_P[:, :r].float() * (self.scale * lam)) @ self.lora_Q[:r].float()
-        return delta.to(self.weight.dtype)
+        return delta if self.quantization is not None else delta.to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into W0 for inference; ranks must not change while merged."""
         if self.merged:
             raise RuntimeError("ElaLoRALinear.merge: layer is already merged")
+        if self.quantization is not None:
+            raise RuntimeError(
+                f"ElaLoRALinear.merge: the base is quantized ({self.quantization}): folding ΔW in would round it to "
+                "the quantization grid and could not be undone exactly; use elalora.merge_and_unload(model, "
+                'quantized_base="requantize") (as PEFT does, rounding) or quantized_base="dequantize" (a float model)'
+            )
         self.base_weight.add_(self.delta_weight())
         self.merged = True
 
@@ -252,8 +305,9 @@ class ElaLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, rank={self._rank}/{self.r_max}, "
+            f"bias={self.base_bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, rank={self._rank}/{self.r_max}, "
             f"scale={self.scale:g}, dropout={self.lora_dropout:g}, merged={self.merged}"
+            + (f", quantization={self.quantization}" if self.quantization is not None else "")
         )
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 
+from . import quantized
 from .architectures import default_targets, model_type, task_heads
 from .config import ElaLoRAConfig
 from .layer import ElaLoRALinear, conv1d_class
@@ -22,12 +24,16 @@ def _matches(name: str, targets) -> bool:
 def _is_adaptable(module: nn.Module) -> bool:
     # Exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are used through their weight.
     conv1d = conv1d_class()
-    return type(module) is nn.Linear or (conv1d is not None and isinstance(module, conv1d))
+    return (
+        type(module) is nn.Linear
+        or (conv1d is not None and isinstance(module, conv1d))
+        or quantized.base_kind(module) is not None
+    )
 
 
 def out_in_features(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an adaptable layer or an ElaLoRALinear (Conv1D stores [in, out])."""
-    if isinstance(module, ElaLoRALinear):
+    if isinstance(module, ElaLoRALinear) or quantized.base_kind(module) is not None:
         return module.out_features, module.in_features
     rows, cols = module.weight.shape
     conv1d = conv1d_class()
@@ -35,14 +41,19 @@ def out_in_features(module: nn.Module) -> tuple[int, int]:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the layers ElaLoRA can adapt: plain ``nn.Linear`` and transformers' ``Conv1D``."""
+    """Names of the layers ElaLoRA can adapt: plain ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes'
+    ``Linear4bit`` / ``Linear8bitLt``."""
     return [n for n, m in model.named_modules() if _is_adaptable(m)]
 
 
 def _describe_linears(model: nn.Module) -> str:
     names = linear_layer_names(model)
     suffixes = sorted({n.rpartition(".")[2] for n in names})
-    return f"the model's linear layers include {names[:6]} (their last name parts: {suffixes})"
+    types = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear) or _is_adaptable(m)})
+    return (
+        f"the model's linear layers include {names[:6]} (their last name parts: {suffixes}; "
+        f"the linear layer types found: {types})"
+    )
 
 
 ALL_LINEAR = "all-linear"
@@ -56,7 +67,10 @@ def resolve_targets(model: nn.Module, config: ElaLoRAConfig):
     """
     if config.target_modules == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return [n for n, m in model.named_modules() if _is_adaptable(m) and m is not output]
+        return [
+            n for n, m in model.named_modules()
+            if (_is_adaptable(m) or quantized.unsupported_reason(m)) and m is not output
+        ]
     if config.target_modules is not None:
         return config.target_modules
     targets = default_targets(model)
@@ -101,6 +115,10 @@ def target_names(model: nn.Module, config: ElaLoRAConfig) -> list[str]:
     """
     targets = resolve_targets(model, config)
     saved = modules_to_save_names(model, config)
+    for name, module in model.named_modules():
+        reason = quantized.unsupported_reason(module) if _matches(name, targets) else None
+        if reason:
+            raise TypeError(f"inject: layer {name!r} matches target_modules but {reason}")
     return [
         n for n in linear_layer_names(model)
         if _matches(n, targets) and not any(n == s or n.startswith(s + ".") for s in saved)
@@ -133,6 +151,14 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
             f"{_describe_linears(model)}"
         )
     saved = modules_to_save_names(model, config)
+    for name in saved:
+        module = model.get_submodule(name)
+        if not all(p.is_floating_point() for p in module.parameters()):
+            raise ValueError(
+                f"inject: module {name!r} ({type(module).__name__}) is to be trained fully (modules_to_save) but its "
+                f"weights are quantized; load the model with BitsAndBytesConfig(..., llm_int8_skip_modules="
+                f"[{name.rpartition('.')[2]!r}]) so that it stays in floating point"
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     for name in saved:
@@ -152,6 +178,10 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
         )
         setattr(parent, child, layer)
     keep_inputs_differentiable(model)
+    if getattr(model, "is_quantized", False):
+        # transformers.Trainer refuses a quantized model unless it carries adapters, which this flag says
+        # (transformers.trainer_utils.validate_quantization_for_training); PEFT's load_adapter sets it too.
+        model._hf_peft_config_loaded = True
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -188,8 +218,9 @@ def adapted_names(model: nn.Module) -> list[str]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its frozen weight (inference)."""
-    for _, layer in adapter_layers(model):
+    """Fold every adapter into its frozen weight (inference); a quantized base raises before anything merges."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in sorted(layers, key=lambda l: l.quantization is None):  # a quantized one first: it raises
         layer.merge()
 
 
@@ -210,25 +241,73 @@ def _plain_module(layer: ElaLoRALinear) -> nn.Module:
     return plain
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+QUANTIZED_MERGES = ("requantize", "dequantize")
+
+
+def merge_and_unload(model: nn.Module, *, quantized_base: str | None = None) -> nn.Module:
     """Fold every adapter into its weight and put the plain base layer back; returns ``model``.
 
     The result has no ElaLoRA modules: ``model.save_pretrained`` of a Hugging
     Face model then loads with plain ``transformers``. Layers merged already
     (``elalora.merge``) are unloaded as they are. ``modules_to_save`` keep their
     trained weights.
+
+    A quantized (bitsandbytes) base cannot hold ``W0 + ΔW`` exactly, so the
+    caller chooses: ``quantized_base="requantize"`` dequantizes ``W0``, adds
+    ``ΔW`` and quantizes the sum again as the base was (PEFT's merge; the
+    rounding is stated in :func:`elalora.quantized.requantized` and a warning
+    reports how large it was relative to ``ΔW``); ``"dequantize"`` gives plain
+    float ``nn.Linear`` layers holding ``W0 + ΔW`` exactly (in the bias's dtype)
+    and, for a transformers model, dequantizes the rest of it too. Without a
+    choice a model with a quantized base raises and is left unchanged.
     """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("merge_and_unload: model has no ElaLoRA adapters")
+    if quantized_base not in (None, *QUANTIZED_MERGES):
+        raise ValueError(f"merge_and_unload: quantized_base must be one of {QUANTIZED_MERGES} (got {quantized_base!r})")
+    first_quantized = next(((n, l) for n, l in layers if l.quantization is not None), None)
+    if first_quantized is not None and quantized_base is None:
+        name, layer = first_quantized
+        raise ValueError(
+            f"merge_and_unload: layer {name!r} has a quantized base ({layer.quantization}), which cannot hold "
+            "W0 + ΔW exactly; pass quantized_base=\"requantize\" (quantize the sum again, rounding it, as PEFT "
+            "does) or quantized_base=\"dequantize\" (a float model); the model is unchanged"
+        )
+    rounding = []
     for name, layer in layers:
-        if not layer.merged:
-            layer.merge()
+        if layer.quantization is not None:
+            plain = _merged_quantized(layer, quantized_base, rounding)
+        else:
+            if not layer.merged:
+                layer.merge()
+            plain = _plain_module(layer)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _plain_module(layer))
+        setattr(model.get_submodule(parent_name), child, plain)
+    if rounding:
+        warnings.warn(
+            f"merge_and_unload: re-quantizing W0 + ΔW rounded it: the rounding error is up to {max(rounding):.3g} "
+            "times ΔW (Frobenius norms, per layer); pass quantized_base=\"dequantize\" to keep the merge exact",
+            stacklevel=2,
+        )
+    if quantized_base == "dequantize" and getattr(model, "hf_quantizer", None) is not None:
+        model.dequantize()  # transformers: the other quantized layers, and the model's quantization flags
+    model.__dict__.pop("_hf_peft_config_loaded", None)  # set by inject: the model carries no adapters now
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
+
+
+@torch.no_grad()
+def _merged_quantized(layer: ElaLoRALinear, how: str, rounding: list) -> nn.Module:
+    """The base of ``layer`` holding ``W0 + ΔW``, quantized again or as a float ``nn.Linear``."""
+    delta = layer.delta_weight()
+    weight = quantized.dequantized_weight(layer.base_layer) + delta
+    if how == "dequantize":
+        return quantized.float_linear(layer.base_layer, weight)
+    base = quantized.requantized(layer.base_layer, weight)
+    rounding.append(float((quantized.dequantized_weight(base) - weight).norm() / delta.norm().clamp_min(1e-30)))
+    return base
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -5,6 +5,7 @@ one chosen per call by :mod:`elalora_kernels.dispatch`.
 """
 from .dispatch import (
     BACKENDS,
+    adapter_add,
     adapter_linear,
     backend_for,
     orth_penalty,
@@ -20,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "MAX_R_MAX",
     "ScoreEmaPlan",
+    "adapter_add",
     "adapter_linear",
     "backend_for",
     "orth_penalty",

@@ -75,18 +75,36 @@ def _module(device: torch.device) -> ModuleType:
     return _LOADED[package]
 
 
-def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0):
-    op = _module(x.device).adapter_linear
-    device_type = x.device.type
+def _autocast_call(op, device_type: str, tensors: tuple, rest: tuple):
+    """``op(*tensors, *rest)``; under autocast, once for every backend: cast every operand
+    to the autocast dtype, as autocast casts an nn.Linear, and run the op in that dtype
+    with autocast off. The casts are autograd ops, so gradients come back in the
+    parameters' dtype."""
     if not torch.is_autocast_enabled(device_type):
-        return op(x, weight, bias, P, lam, Q, active, scale, dropout_p)
-    # Autocast, once for every backend: cast every operand to the autocast dtype, as
-    # autocast casts an nn.Linear, and run the op in that dtype with autocast off.
-    # The casts are autograd ops, so gradients come back in the parameters' dtype.
+        return op(*tensors, *rest)
     dtype = torch.get_autocast_dtype(device_type)
-    x, weight, bias, P, lam, Q = (t.to(dtype) if t is not None else None for t in (x, weight, bias, P, lam, Q))
+    tensors = tuple(t.to(dtype) if t is not None else None for t in tensors)
     with torch.autocast(device_type, enabled=False):
-        return op(x, weight, bias, P, lam, Q, active, scale, dropout_p)
+        return op(*tensors, *rest)
+
+
+def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0, rank=None):
+    module = _module(x.device)
+    if getattr(module, "READS_PARAMETERS_IN_ANY_DTYPE", False):  # P, λ, Q cast inside its kernels: no cast launches
+        return _autocast_call(module.adapter_linear, x.device.type, (x, weight, bias),
+                              (P, lam, Q, active, scale, dropout_p, rank))
+    return _autocast_call(module.adapter_linear, x.device.type, (x, weight, bias, P, lam, Q),
+                          (active, scale, dropout_p, rank))
+
+
+def adapter_add(y0, x, P, lam, Q, active, scale, dropout_p=0.0):
+    """``y0`` plus the adapter, for a base that ran as its own module (a quantized one).
+
+    The Triton backend has no adapter-only kernel yet: on CUDA it uses the torch-op
+    version (the ``torch`` backend's), which serves any device.
+    """
+    op = getattr(_module(x.device), "adapter_add", None) or _LOADED["cpu"].adapter_add
+    return _autocast_call(op, x.device.type, (y0, x, P, lam, Q), (active, scale, dropout_p))
 
 
 def score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2) -> int:

@@ -20,17 +20,34 @@ def adapter_linear(
     active: Tensor,
     scale: float,
     dropout_p: float = 0.0,
+    rank: int | None = None,
 ) -> Tensor:
     """docs/ALGORITHM.md §1: ``x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ (λ·active)) Pᵀ``.
 
     ``active`` is a boolean mask over the rank slots; an inactive slot adds
-    nothing and receives zero gradient. Dropout is ``F.dropout(x, p)`` drawn
-    before anything else, so every backend sees the same mask for one seed.
+    nothing and receives zero gradient. ``rank`` (all slots if None) uses slots
+    [0, rank) only: the others get zero gradient too. Dropout is ``F.dropout(x, p)``
+    drawn before anything else, so every backend sees the same mask for one seed.
     """
+    if rank is not None:
+        P, lam, Q, active = P[:, :rank], lam[:rank], Q[:rank], active[:rank]
     x_adapter = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
     base = F.linear(x, weight, bias)
     lam_eff = lam * active.to(lam.dtype)
     return base + scale * ((x_adapter @ Q.t()) * lam_eff) @ P.t()
+
+
+def adapter_add(
+    y0: Tensor, x: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, dropout_p: float = 0.0
+) -> Tensor:
+    """The adapter half of :func:`adapter_linear` added to a base output ``y0`` computed elsewhere.
+
+    ``adapter_linear(x, W0, b, ...) == adapter_add(F.linear(x, W0, b), x, ...)``: the entry point for
+    a base that runs as its own module (a quantized one, docs/ALGORITHM.md §1).
+    """
+    x_adapter = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    lam_eff = lam * active.to(lam.dtype)
+    return y0 + scale * ((x_adapter @ Q.t()) * lam_eff) @ P.t()
 
 
 def score_ema_update(
@@ -82,12 +99,17 @@ def orth_penalty(
     Qs: Sequence[Tensor],
     actives: Sequence[Tensor],
     coeff: float,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """docs/ALGORITHM.md §6: ``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks, float32."""
-    total = Ps[0].new_zeros((), dtype=torch.float32)
+    """docs/ALGORITHM.md §6: ``c/(2M) Σ_m ‖Q_m Q_mᵀ − I‖_F + ‖P_mᵀ P_m − I‖_F`` over active ranks.
+
+    Computed and returned in float32 as every backend does; tests evaluate it in
+    ``compute_dtype=torch.float64`` as the exact answer on the same inputs.
+    """
+    total = Ps[0].new_zeros((), dtype=compute_dtype)
     for P, Q, active in zip(Ps, Qs, actives, strict=True):
-        q = Q[active].float()
-        p = P[:, active].float()
-        eye = torch.eye(q.shape[0], device=q.device)
+        q = Q[active].to(compute_dtype)
+        p = P[:, active].to(compute_dtype)
+        eye = torch.eye(q.shape[0], device=q.device, dtype=compute_dtype)
         total = total + torch.linalg.matrix_norm(q @ q.t() - eye) + torch.linalg.matrix_norm(p.t() @ p - eye)
     return coeff / (2 * len(Ps)) * total

@@ -38,9 +38,12 @@ from torch import Tensor
 
 
 class AdapterLinearFunction(torch.autograd.Function):
+    """With ``weight = None`` the base output is ``y0``, computed elsewhere (a quantized base), and the
+    adapter's ``addmm`` writes ``y0 + h (P ⊙ c)ᵀ`` into a new tensor; ``∂L/∂y0 = g``."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, P, lam, Q, active, scale, dropout_p):
-        in_features, out_features = weight.shape[1], weight.shape[0]
+    def forward(ctx, x, weight, bias, P, lam, Q, active, scale, dropout_p, y0=None):
+        in_features, out_features = Q.shape[1], P.shape[0]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features)
         if dropout_p > 0:
@@ -56,11 +59,11 @@ class AdapterLinearFunction(torch.autograd.Function):
         coeff = lam * active.to(lam.dtype) * scale  # [r]: s·λ·active
         Pc = P * coeff  # out×r
         h = torch.mm(xa, Q.t())  # N×r
-        if bias is not None:
-            y = torch.addmm(bias, x2, weight.t())
+        if weight is None:
+            y = torch.addmm(y0.reshape(-1, out_features), h, Pc.t())
         else:
-            y = torch.mm(x2, weight.t())
-        y.addmm_(h, Pc.t())
+            y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+            y.addmm_(h, Pc.t())
 
         ctx.save_for_backward(
             xa if (ctx.needs_input_grad[5] or ctx.needs_input_grad[1]) else None,
@@ -77,6 +80,7 @@ class AdapterLinearFunction(torch.autograd.Function):
         ctx.scale = scale
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
+        ctx.y0_needs_grad = y0 is not None and y0.requires_grad
         return y.view(*lead, out_features)
 
     @staticmethod
@@ -97,17 +101,21 @@ class AdapterLinearFunction(torch.autograd.Function):
             if need_q:
                 gq = torch.mm(gh.t(), xa)
             if need_x:
-                gx = torch.mm(g, weight)
-                if noise is None:
-                    gx.addmm_(gh, Q)
+                if weight is None:
+                    gx = torch.mm(gh, Q) if noise is None else torch.mm(gh, Q).mul_(noise)
                 else:
-                    gx.add_(torch.mm(gh, Q).mul_(noise))
+                    gx = torch.mm(g, weight)
+                    if noise is None:
+                        gx.addmm_(gh, Q)
+                    else:
+                        gx.add_(torch.mm(gh, Q).mul_(noise))
                 gx = gx.view(ctx.x_shape)
         if need_w:  # only when someone unfroze W0
             gw = torch.mm(g.t(), x_raw if x_raw is not None else xa)
         if need_b and ctx.has_bias:
             gb = g.sum(0)
-        return gx, gw, gb, gp, glam, gq, None, None, None
+        gy0 = grad if ctx.y0_needs_grad else None  # None too when y0 was not passed (one grad too many is allowed)
+        return gx, gw, gb, gp, glam, gq, None, None, None, gy0
 
 
 def adapter_linear(
@@ -120,6 +128,14 @@ def adapter_linear(
     active: Tensor,
     scale: float,
     dropout_p: float = 0.0,
+    rank: int | None = None,
 ) -> Tensor:
     """Same signature and meaning as :func:`elalora_kernels.reference.adapter_linear`."""
+    if rank is not None:  # autograd's slices: on CPU a zero fill of the full-size gradient costs ~nothing
+        P, lam, Q, active = P[:, :rank], lam[:rank], Q[:rank], active[:rank]
     return AdapterLinearFunction.apply(x, weight, bias, P, lam, Q, active, float(scale), float(dropout_p))
+
+
+def adapter_add(y0, x, P, lam, Q, active, scale, dropout_p=0.0) -> Tensor:
+    """Same signature and meaning as :func:`elalora_kernels.reference.adapter_add`."""
+    return AdapterLinearFunction.apply(x, None, None, P, lam, Q, active, float(scale), float(dropout_p), y0)

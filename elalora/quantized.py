@@ -1,0 +1,138 @@
+"""Quantized bases (QLoRA): bitsandbytes ``Linear4bit`` (NF4, FP4) and ``Linear8bitLt``.
+
+Everything that knows bitsandbytes lives here. It is never imported by
+``import elalora``: a model holding a bitsandbytes layer has imported
+bitsandbytes already, so :func:`base_kind` only looks it up in
+``sys.modules`` and elalora works without bitsandbytes installed.
+
+A quantized base runs as its own module (bitsandbytes computes ``y0`` and
+dequantises as it likes); the adapter op adds into its output in the base's
+compute dtype. The base stays quantized and frozen. Merging into a quantized
+base rounds (see :func:`requantized`), so it is only done on request.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+INSTALL_HINT = 'pip install "elalora[bnb]" (bitsandbytes >= 0.50, which runs on CPU too)'
+SUPPORTED = "bitsandbytes Linear4bit (NF4/FP4) and Linear8bitLt (int8 weights)"
+
+
+def _bnb_nn():
+    return sys.modules.get("bitsandbytes.nn")
+
+
+def require_bitsandbytes(what: str):
+    """``bitsandbytes``, or an ImportError that says what to install."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError(f"{what} needs bitsandbytes: {INSTALL_HINT}") from None
+    return bitsandbytes
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """``"nf4"``, ``"fp4"`` or ``"int8"`` for a supported bitsandbytes layer, else ``None``."""
+    bnb_nn = _bnb_nn()
+    if bnb_nn is None:
+        return None
+    if isinstance(module, bnb_nn.Linear4bit):
+        return module.weight.quant_type
+    if isinstance(module, bnb_nn.Linear8bitLt) and not module.state.has_fp16_weights:
+        return "int8"
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` looks like a quantized linear layer that ElaLoRA cannot adapt, or ``None``.
+
+    A subclass of ``nn.Linear`` from bitsandbytes that :func:`base_kind` does not
+    know, or one whose weight is not floating point (some other quantization).
+    """
+    if not isinstance(module, nn.Linear) or base_kind(module) is not None:
+        return None
+    bnb_nn = _bnb_nn()
+    if bnb_nn is not None and isinstance(module, bnb_nn.Linear8bitLt):
+        return "a Linear8bitLt with has_fp16_weights=True keeps a trainable float weight, not a frozen quantized one"
+    weight = getattr(module, "weight", None)
+    if type(module).__module__.startswith("bitsandbytes") or (
+        isinstance(weight, Tensor) and not weight.is_floating_point()
+    ):
+        return f"{type(module).__name__} is a quantized layer type ElaLoRA does not adapt (it adapts {SUPPORTED})"
+    return None
+
+
+def compute_dtype(base: nn.Module, x: Tensor) -> torch.dtype:
+    """The dtype bitsandbytes computes ``base(x)`` in: a Linear4bit's set compute dtype, else the input's."""
+    dtype = getattr(base, "compute_dtype", None)
+    return dtype if dtype is not None and getattr(base, "compute_type_is_set", False) else x.dtype
+
+
+@torch.no_grad()
+def dequantized_weight(base: nn.Module) -> Tensor:
+    """``W0`` of a supported bitsandbytes layer as a float32 ``[out, in]`` tensor (a new tensor)."""
+    import bitsandbytes.functional as bnb_f
+
+    weight = base.weight
+    if base_kind(base) == "int8":
+        return bnb_f.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+    state = weight.quant_state
+    data = weight.data
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first no-grad eval forward;
+        # dequantize_4bit reads the standard layout only (bitsandbytes itself unpacks the same way to save).
+        data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
+    return bnb_f.dequantize_4bit(data, state).float()
+
+
+def base_dtype(base: nn.Module) -> torch.dtype:
+    """The float dtype a dequantised copy of ``base`` takes: its bias's, else its compute dtype, else float32."""
+    if base.bias is not None:
+        return base.bias.dtype
+    return getattr(base, "compute_dtype", None) or torch.float32
+
+
+@torch.no_grad()
+def requantized(base: nn.Module, weight: Tensor) -> nn.Module:
+    """``base`` with its weight replaced by ``weight`` quantized exactly as ``base`` was (PEFT's merge).
+
+    Rounding: a 4-bit weight is rounded to the nearest of its 16 NF4/FP4 levels
+    scaled by the absmax of its block of ``blocksize`` values (64 by default);
+    an int8 weight to the nearest multiple of its row's absmax / 127. A weight
+    change smaller than half a step is lost.
+    """
+    bnb = require_bitsandbytes("merging into a quantized base")
+    old = base.weight
+    device = old.device
+    if base_kind(base) == "int8":
+        base.weight = bnb.nn.Int8Params(
+            weight.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+        base.state.reset_grads()
+        return base
+    new = bnb.nn.Params4bit(
+        weight.to("cpu", base_dtype(base)),
+        requires_grad=False,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+        module=base,
+    )
+    base.weight = new.to(device)  # moving a not-yet-quantized Params4bit quantizes it, on CPU too
+    return base
+
+
+def float_linear(base: nn.Module, weight: Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` and ``base``'s bias, in :func:`base_dtype`."""
+    dtype = base_dtype(base)
+    with torch.device("meta"):
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+    return linear
