@@ -51,6 +51,37 @@ def test_round_trip_through_dict():
         ElaLoRAConfig.from_dict({**config.to_dict(), "rank": 3})
 
 
+@pytest.mark.parametrize("total_steps", [1, 2, 7, 100, 123, 250, 1000, 10**6])
+def test_the_default_schedule_fits_any_run_length(total_steps):
+    """t_init, t_final and mask_interval left None follow from total_steps: 15% / 25% / 8%, rounded."""
+    config = ElaLoRAConfig(total_steps=total_steps)  # no schedule argument needed
+    run = config.for_run(total_steps)
+    assert (run.t_init, run.t_final) == (round(0.15 * total_steps), round(0.25 * total_steps))
+    assert run.mask_interval == max(1, round(0.08 * total_steps))
+    assert run.t_init + run.t_final < total_steps
+    assert (config.t_init, config.t_final, config.mask_interval) == (None, None, None)  # left for the run to fill
+
+
+def test_the_study_schedule_is_the_default_and_explicit_values_stay():
+    assert ElaLoRAConfig().for_run(250).to_dict() == ElaLoRAConfig(t_init=38, t_final=62, mask_interval=20,
+                                                                  total_steps=250).to_dict()
+    run = ElaLoRAConfig(t_init=300, mask_interval=50).for_run(2000)
+    assert (run.t_init, run.t_final, run.mask_interval) == (300, 500, 50)  # given ones kept, t_final from T
+    # a config filled for one length is explicit from then on: refilling it for another changes nothing
+    assert ElaLoRAConfig().for_run(250).for_run(1000).t_init == 38
+    with pytest.raises(ValueError, match="t_init \\+ t_final must be < total_steps"):
+        ElaLoRAConfig(t_init=200).for_run(250)  # 200 + round(62.5) = 262 >= 250
+    with pytest.raises(ValueError, match="t_init must be an int or None"):
+        ElaLoRAConfig(t_init=2.5)
+
+
+def test_the_allocator_fills_the_schedule_from_its_total_steps():
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject(model, ElaLoRAConfig(r=2, target_modules=["0"]))
+    allocator = RankAllocator(model, ElaLoRAConfig(r=2, target_modules=["0"]), total_steps=400)
+    assert (allocator.config.t_init, allocator.config.t_final, allocator.config.mask_interval) == (60, 100, 32)
+
+
 def test_replace_validates():
     config = ElaLoRAConfig(t_init=10, t_final=10)
     assert config.replace(total_steps=21).total_steps == 21

@@ -136,6 +136,19 @@ def test_penalty_added_to_training_loss_only():
     assert float(model(**batch).loss) == pytest.approx(plain, rel=1e-6)  # eval loss untouched
 
 
+def test_the_callback_fills_the_default_schedule_from_the_trainers_steps(tmp_path):
+    """No schedule argument: the Trainer's max_steps sets t_init, t_final, mask_interval by RankAllocator's rule."""
+    model = tiny_model()
+    config = elalora.ElaLoRAConfig(r=4, target_modules=SIX, total_steps=10**6)  # total_steps: the Trainer's wins
+    elalora.inject(model, config)
+    cb = ElaLoRACallback(config, write_run_record=False)
+    make_trainer(tmp_path, model, cb, max_steps=26).train()
+    expected = config.for_run(26)
+    assert (cb.allocator.config.t_init, cb.allocator.config.t_final, cb.allocator.config.mask_interval) == (
+        expected.t_init, expected.t_final, expected.mask_interval) == (4, 6, 2)
+    assert [rec.step for rec in cb.allocator.history] == [6, 8, 10, 12, 14, 16, 18]
+
+
 def test_too_few_steps_is_a_clear_error(tmp_path):
     model = tiny_model()
     config = ela_config(t_init=20, t_final=20)
