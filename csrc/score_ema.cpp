@@ -247,6 +247,7 @@ int64_t score_ema_update(const std::vector<at::Tensor>& params, const std::vecto
 }  // namespace
 
 void register_pointer_table(pybind11::module& m);  // pointer_table.cpp
+void register_orth_penalty(pybind11::module& m);   // orth_penalty.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "elalora C++ CPU kernels";
@@ -254,4 +255,5 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("ema_ipt"), pybind11::arg("ema_unc"), pybind11::arg("beta1"), pybind11::arg("beta2"),
         "docs/ALGORITHM.md §2 over every tensor in one parallel pass; returns the number of non-finite elements skipped.");
   register_pointer_table(m);
+  register_orth_penalty(m);
 }
