@@ -13,11 +13,12 @@ run on CPU tensors, which is how CI proves them without a GPU.
 """
 from elalora_kernels.batched import orth_penalty
 
-from .adapter_linear import AdapterLinearFunction, adapter_linear
+from .adapter_linear import READS_PARAMETERS_IN_ANY_DTYPE, AdapterLinearFunction, adapter_linear
 from .rank_scores import rank_scores
 from .score_ema import LaunchPlan, score_ema_update, score_ema_update_async
 
 __all__ = [
+    "READS_PARAMETERS_IN_ANY_DTYPE",
     "AdapterLinearFunction",
     "LaunchPlan",
     "adapter_linear",

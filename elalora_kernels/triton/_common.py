@@ -125,3 +125,27 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if POISON:
         t.fill_(float("nan") if t.is_floating_point() else -1)
     return t
+
+
+_COUNTERS: dict = {}  # (device, stream) -> int32 arrival counters, all 0 between launches
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` arrival counters for the in-kernel reductions on ``device``'s current stream.
+
+    Each kernel that uses them leaves them at 0, so one zero-filled buffer per stream
+    serves every launch after it (launches on one stream never overlap). Allocated once,
+    generously, so that a CUDA graph captured later does not allocate it inside the capture.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "elalora: the adapter kernels' counters must exist before CUDA graph capture: "
+                "run one training step eagerly on this stream first"
+            )
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf

@@ -2,26 +2,38 @@
 
     y = x W0ᵀ + bias + s·((dropout(x) Qᵀ) ⊙ λ_eff) Pᵀ,    λ_eff = λ·active
 
+The layer passes its full-size parameters P [out, r_max], λ [r_max], Q [r_max, in]
+and its active rank ``r`` as a runtime value: the kernels compute with slots
+[0, r) and write zeros into the gradients of the others, so autograd sees no
+slicing (no ``slice_backward``: a zero fill and a copy per parameter). The
+parameters are read in their own dtype (float32 under autocast) and cast to
+the compute dtype (x's) inside the kernels; the gradients are written in the
+parameters' dtype, straight into full-size buffers that ``.grad`` takes over.
+
 Forward: the base GEMM is cuBLAS (``F.linear``); then ONE Triton kernel, per
 tile of rows, accumulates ``xq = x Qᵀ`` in registers (rank dimension padded
-to a power of two ≥ 16 and masked with the runtime rank ``r``), stores that
-N×r float32 tile once (saved for backward), scales it by ``s·λ_eff`` and adds
-``t Pᵀ`` into the base output tiles in place: no N×out temporary.
+to a power of two ≥ 16 and masked with ``r``), stores that N×r float32 tile
+once (saved for backward), scales it by ``s·λ_eff`` and adds ``t Pᵀ`` into
+the base output tiles in place: no N×out temporary.
 
-Backward (``g = ∂L/∂y``):
+Backward (``g = ∂L/∂y``), cuBLAS ``g W0`` then three launches:
 
-* kernel ``_bwd_dx``: per row tile, ``gp = g P`` once; from it
-  ``dλ = s·Σ_n gp ⊙ xq`` (per-tile partials, summed on the host),
-  ``u = s·gp ⊙ λ_eff`` (stored, N×r) and ``dx += u Q`` accumulated in place
-  into the cuBLAS ``g W0``;
-* kernel ``_tn`` (split-N partials, deterministic): ``dP = gᵀ (s·xq ⊙ λ_eff)``
-  and ``dQ = uᵀ x``, each a reduction over N.
+* ``_tn`` for ``dP = gᵀ (s·xq ⊙ λ_eff)``;
+* ``_bwd_dx``: per row tile, ``gp = g P`` once; from it ``u = s·gp ⊙ λ_eff``
+  (stored, N×r), ``dx += u Q`` accumulated in place into ``g W0``, and
+  ``dλ = s·active ⊙ Σ_n gp ⊙ xq``;
+* ``_tn`` for ``dQ = uᵀ x``.
+
+Reductions over N (dP, dQ, dλ) are split over programs for parallelism; each
+program stores its float32 partial, and the last program to arrive at a tile
+(an atomic counter, reset by that program) sums the partials in a fixed order
+and writes the result: deterministic, and one launch.
 
 Why separate kernels and not a fused GEMM epilogue or a K-concatenated GEMM:
 the bytes each arrangement moves are counted in benchmarks/RESULTS.md (GPU,
-"Design note"); the choice stands until ``benchmarks/gpu.py`` has timed a GPU.
+"Design note" and "design floor"); the choice stands until ``benchmarks/gpu.py`` has timed a GPU.
 
-Matmul operands are in the input dtype (bf16/fp16 use tensor cores; fp32 uses
+Matmul operands are in the compute dtype (bf16/fp16 use tensor cores; fp32 uses
 IEEE fp32, never TF32, as torch does by default), accumulation is fp32. Ranks
 change at run time: ``r`` is a runtime argument; only its power-of-two block is
 a compile-time constant. Dropout (p > 0) is drawn on the host with
@@ -66,7 +78,7 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     value is first rounded to nearest-even bf16 by hand (exact afterwards).
     """
     if UPCAST:
-        if dtype == tl.bfloat16:
+        if x.dtype == tl.float32 and dtype == tl.bfloat16:
             b = x.to(tl.uint32, bitcast=True)
             b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
             x = b.to(tl.float32, bitcast=True)
@@ -78,22 +90,50 @@ def _rows_times_rank_matrix(
     a_ptr, stride_an, rows, row_mask, b_ptr, stride_bk, stride_br, rr, r_mask, K,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """``A[rows, :K] · B[:K, rr]`` in fp32, B read through its strides: x·Qᵀ forward, g·P backward."""
+    """``A[rows, :K] · B[:K, rr]`` in fp32, B read through its strides and cast to A's dtype: x·Qᵀ, g·P."""
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         at = tl.load(a_ptr + rows[:, None] * stride_an + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         bt = tl.load(b_ptr + ks[:, None] * stride_bk + rr[None, :] * stride_br, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _dot(at, bt, acc, IEEE, UPCAST)
+        acc = _dot(at, _cast(bt, a_ptr.dtype.element_ty, UPCAST), acc, IEEE, UPCAST)
     return acc
 
 
-# Ints that change at run time (N, the rank, tile counts, strides that follow the
-# rank) are not specialised: Triton would otherwise recompile when one of them
-# becomes 1 or changes its divisibility by 16. P's row stride is r_max for the
-# layer's slice P[:, :r] but r for the copy autocast casts it to. Layer sizes and
-# strides that do not move keep their specialisation (alignment of the big loads).
+@triton.jit
+def _last_to_arrive(counter_ptr, arrivals):
+    """True in the last of ``arrivals`` programs that call this on one counter (which it then resets to 0).
+
+    Every program stored its partial before: the barrier orders its threads' stores
+    before the atomic, whose acquire-release makes them visible to the last program.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _store_rank_padded(ROWS: tl.constexpr, base_ptr, cs, c_mask, stride_c, stride_r, value, R_MAX, BLOCK_R: tl.constexpr):
+    """Stores ``value`` [ROWS, BLOCK_R] at slots [0, BLOCK_R) and zeros at slots [BLOCK_R, R_MAX) of a full-size gradient."""
+    rr = tl.arange(0, BLOCK_R)
+    tl.store(base_ptr + cs[:, None] * stride_c + rr[None, :] * stride_r, value.to(base_ptr.dtype.element_ty),
+             mask=c_mask[:, None] & (rr < R_MAX)[None, :])
+    zeros = tl.zeros([ROWS, BLOCK_R], dtype=base_ptr.dtype.element_ty)
+    for r0 in range(BLOCK_R, R_MAX, BLOCK_R):
+        rz = r0 + rr
+        tl.store(base_ptr + cs[:, None] * stride_c + rz[None, :] * stride_r, zeros,
+                 mask=c_mask[:, None] & (rz < R_MAX)[None, :])
+
+
+# Ints that change at run time (N, the rank, tile counts, split counts, and strides
+# that follow the rank when a caller passes P[:, :r] or a contiguous [out, r] P)
+# are not specialised: Triton would otherwise recompile when one of them becomes 1
+# or changes its divisibility by 16. Layer sizes and strides that do not move keep
+# their specialisation (alignment of the big loads).
 @triton.jit(do_not_specialize=["N", "R", "stride_po", "TILES_PER_PROG"])
 def _fwd_kernel(
     x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, y_ptr, xq_ptr,
@@ -120,15 +160,16 @@ def _fwd_kernel(
         if pid_s == 0:
             tl.store(xq_ptr + rows[:, None] * R + rr[None, :], acc, mask=row_mask[:, None] & r_mask[None, :])
 
-    lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
+    compute = x_ptr.dtype.element_ty
+    lam = _cast(tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0), compute, UPCAST).to(tl.float32)
     act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
-    t = _cast((acc * (lam * act)[None, :]) * scale, p_ptr.dtype.element_ty, UPCAST)  # the reference's order: (xq·λ_eff)·s
+    t = _cast((acc * (lam * act)[None, :]) * scale, compute, UPCAST)  # the reference's order: (xq·λ_eff)·s
 
     for j in range(0, TILES_PER_PROG):
         os = (pid_s * TILES_PER_PROG + j) * BLOCK_N + tl.arange(0, BLOCK_N)
         o_mask = os < OUT
         pt = tl.load(p_ptr + os[None, :] * stride_po + rr[:, None] * stride_pr, mask=r_mask[:, None] & o_mask[None, :], other=0.0)
-        upd = _dot(t, pt, None, IEEE, UPCAST)
+        upd = _dot(t, _cast(pt, compute, UPCAST), None, IEEE, UPCAST)
         y_ptrs = y_ptr + rows[:, None] * stride_yn + os[None, :]
         m = row_mask[:, None] & o_mask[None, :]
         if ACCUM:
@@ -136,10 +177,10 @@ def _fwd_kernel(
         tl.store(y_ptrs, _cast(upd, y_ptr.dtype.element_ty, UPCAST), mask=m)
 
 
-@triton.jit(do_not_specialize=["N", "R", "stride_po", "TILES_PER_PROG"])
+@triton.jit(do_not_specialize=["N", "R", "R_MAX", "M_TILES", "stride_po", "TILES_PER_PROG"])
 def _bwd_dx_kernel(
-    g_ptr, p_ptr, q_ptr, lam_ptr, act_ptr, xq_ptr, u_ptr, dlam_ptr, dx_ptr,
-    N, IN, OUT, R,
+    g_ptr, p_ptr, q_ptr, lam_ptr, act_ptr, xq_ptr, u_ptr, dlam_part_ptr, counter_ptr, dlam_ptr, dx_ptr,
+    N, IN, OUT, R, R_MAX, M_TILES,
     stride_gn, stride_po, stride_pr, stride_qr, stride_qk, stride_lam, stride_act, stride_dxn,
     scale,
     TILES_PER_PROG,
@@ -159,23 +200,30 @@ def _bwd_dx_kernel(
         BLOCK_M, BLOCK_N, BLOCK_R, IEEE, UPCAST,
     )
 
-    lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
+    compute = g_ptr.dtype.element_ty
+    lam = _cast(tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0), compute, UPCAST).to(tl.float32)
     act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
     dz = gp * scale  # ∂L/∂(xq ⊙ λ_eff)
     u = dz * (lam * act)[None, :]  # ∂L/∂xq
     if pid_s == 0:
         m2 = row_mask[:, None] & r_mask[None, :]
         xq = tl.load(xq_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0)
-        tl.store(dlam_ptr + pid_m * R + rr, tl.sum(dz * xq, axis=0), mask=r_mask)
+        tl.store(dlam_part_ptr + pid_m * BLOCK_R + rr, tl.sum(dz * xq, axis=0))
         tl.store(u_ptr + rows[:, None] * R + rr[None, :], u, mask=m2)
+        if _last_to_arrive(counter_ptr, M_TILES):  # dλ = active ⊙ Σ over row tiles, in a fixed order
+            dlam = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for m in range(0, M_TILES):
+                dlam += tl.load(dlam_part_ptr + m * BLOCK_R + rr)
+            zero = tl.zeros([1], dtype=tl.int32)
+            _store_rank_padded(1, dlam_ptr, zero, zero == 0, 0, stride_lam, (dlam * act)[None, :], R_MAX, BLOCK_R)
 
     if WRITE_DX:
-        uc = _cast(u, q_ptr.dtype.element_ty, UPCAST)
+        uc = _cast(u, compute, UPCAST)
         for j in range(0, TILES_PER_PROG):
             ks = (pid_s * TILES_PER_PROG + j) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = ks < IN
             qt = tl.load(q_ptr + rr[:, None] * stride_qr + ks[None, :] * stride_qk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            upd = _dot(uc, qt, None, IEEE, UPCAST)
+            upd = _dot(uc, _cast(qt, compute, UPCAST), None, IEEE, UPCAST)
             dx_ptrs = dx_ptr + rows[:, None] * stride_dxn + ks[None, :]
             m = row_mask[:, None] & k_mask[None, :]
             if ACCUM:
@@ -183,20 +231,23 @@ def _bwd_dx_kernel(
             tl.store(dx_ptrs, _cast(upd, dx_ptr.dtype.element_ty, UPCAST), mask=m)
 
 
-@triton.jit(do_not_specialize=["N", "R", "stride_os", "stride_oc", "stride_or", "ROWS_PER_SPLIT"])
+@triton.jit(do_not_specialize=["N", "R", "R_MAX", "stride_gc", "stride_gr", "ROWS_PER_SPLIT", "SPLITS"])
 def _tn_kernel(
-    a_ptr, b_ptr, lam_ptr, act_ptr, out_ptr,
-    N, C, R,
-    stride_an, stride_lam, stride_act, stride_os, stride_oc, stride_or,
+    a_ptr, b_ptr, lam_ptr, act_ptr, part_ptr, counter_ptr, grad_ptr,
+    N, C, R, R_MAX,
+    stride_an, stride_lam, stride_act, stride_gc, stride_gr,
     scale,
-    ROWS_PER_SPLIT,
+    ROWS_PER_SPLIT, SPLITS,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SCALE_B: tl.constexpr,
 ):
-    """out[s, c, r] = Σ_{n in split s} A[n, c] · B'[n, r],  B' = (B ⊙ λ_eff)·s if SCALE_B else B.
+    """grad[c, r] = Σ_n A[n, c] · B'[n, r] for r < R and 0 for R <= r < R_MAX, in grad's dtype,
+    B' = (B ⊙ λ_eff)·s if SCALE_B else B.
 
-    A is [N, C] in the input dtype with unit column stride, B is [N, R] float32
-    contiguous. Split-N partials keep the reduction deterministic.
+    A is [N, C] in the compute dtype with unit column stride, B is [N, R] float32
+    contiguous, grad is full-size, addressed through (stride_gc, stride_gr): P's
+    gradient [C, R_MAX] or Q's [R_MAX, C]. Program (c, s) reduces split s of N into a
+    float32 partial; the last of a column tile's SPLITS programs sums them in order.
     """
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -204,8 +255,9 @@ def _tn_kernel(
     c_mask = cs < C
     rr = tl.arange(0, BLOCK_R)
     r_mask = rr < R
+    compute = a_ptr.dtype.element_ty
     if SCALE_B:
-        lam = tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0).to(tl.float32)
+        lam = _cast(tl.load(lam_ptr + rr * stride_lam, mask=r_mask, other=0.0), compute, UPCAST).to(tl.float32)
         act = tl.load(act_ptr + rr * stride_act, mask=r_mask, other=0).to(tl.float32)
         coef = lam * act
     n_begin = pid_s.to(tl.int64) * ROWS_PER_SPLIT
@@ -218,10 +270,15 @@ def _tn_kernel(
         bt = tl.load(b_ptr + ns[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         if SCALE_B:
             bt = (bt * coef[None, :]) * scale
-        bt = _cast(bt, a_ptr.dtype.element_ty, UPCAST)
-        acc = _dot(tl.trans(at), bt, acc, IEEE, UPCAST)
-    out_ptrs = out_ptr + pid_s * stride_os + cs[:, None] * stride_oc + rr[None, :] * stride_or
-    tl.store(out_ptrs, acc, mask=c_mask[:, None] & r_mask[None, :])
+        acc = _dot(tl.trans(at), _cast(bt, compute, UPCAST), acc, IEEE, UPCAST)
+    tile = BLOCK_C * BLOCK_R
+    part = part_ptr + pid_c.to(tl.int64) * SPLITS * tile + cs[:, None] % BLOCK_C * BLOCK_R + rr[None, :]
+    tl.store(part + pid_s * tile, acc)
+    if _last_to_arrive(counter_ptr + pid_c, SPLITS):
+        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            acc += tl.load(part + s * tile)
+        _store_rank_padded(BLOCK_C, grad_ptr, cs, c_mask, stride_gc, stride_gr, acc, R_MAX, BLOCK_R)
 
 
 # --------------------------------------------------------------------------- launch helpers
@@ -288,11 +345,12 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, y: Tensor, store_xq: bool) -> Tensor | None:
-    """``y += s·((xa Qᵀ) ⊙ λ_eff) Pᵀ`` in place; returns ``xq = xa Qᵀ`` (float32 [N, r]) if asked."""
+def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, r: int, y: Tensor,
+         store_xq: bool) -> Tensor | None:
+    """``y += s·((xa Qᵀ) ⊙ λ_eff) Pᵀ`` over slots [0, r), in place; returns ``xq = xa Qᵀ`` (float32 [N, r]) if asked."""
     _common.check_dtype_supported(xa.device, xa.dtype)
     n, k = xa.shape
-    out, r = P.shape
+    out = P.shape[0]
     br = rank_block(r)
     bm, bk, bn, warps, stages = _blocks_rows(n, br, xa.element_size(), shared_memory(xa.device))
     m_tiles = triton.cdiv(n, bm)
@@ -310,8 +368,9 @@ def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: f
     return xq if store_xq else None
 
 
-def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: float, out_t: bool) -> Tensor:
-    """float32 ``Aᵀ B'`` ([C, R], or [R, C] if ``out_t``) with split-N partials."""
+def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: float, like: Tensor, out_t: bool) -> Tensor:
+    """``Aᵀ B'`` over slots [0, r) (r = B's width) as the full-size gradient of ``like`` (P [C, r_max], or Q
+    [r_max, C] if ``out_t``), zeros in the other slots, in ``like``'s dtype: split-N partials reduced in-kernel."""
     _common.check_dtype_supported(a.device, a.dtype)
     n, c = a.shape
     r = b.shape[1]
@@ -322,36 +381,38 @@ def _tn(a: Tensor, b: Tensor, lam: Tensor | None, active: Tensor | None, scale: 
     split = max(1, min(triton.cdiv(2 * num_sms(a.device), c_tiles), n_chunks, 64))
     rows_per = triton.cdiv(n_chunks, split) * bnn
     split = triton.cdiv(n, rows_per)
-    shape = (split, r, c) if out_t else (split, c, r)
-    part = _common.empty(shape, torch.float32, a.device)
-    s_oc, s_or = (part.stride(2), part.stride(1)) if out_t else (part.stride(1), part.stride(2))
+    grad = _common.empty(like.shape, like.dtype, a.device)
+    s_gc, s_gr = (grad.stride(1), grad.stride(0)) if out_t else (grad.stride(0), grad.stride(1))
+    part = _common.empty((c_tiles, split, bc, br), torch.float32, a.device)
     scale_b = lam is not None
     _tn_kernel[(c_tiles, split)](
-        a, b, lam if scale_b else b, active if scale_b else b, part,
-        n, c, r,
-        a.stride(0), lam.stride(0) if scale_b else 0, active.stride(0) if scale_b else 0, part.stride(0), s_oc, s_or,
-        float(scale), rows_per,
+        a, b, lam if scale_b else b, active if scale_b else b, part, _common.counters(a.device, c_tiles), grad,
+        n, c, r, like.shape[0] if out_t else like.shape[1],
+        a.stride(0), lam.stride(0) if scale_b else 0, active.stride(0) if scale_b else 0, s_gc, s_gr,
+        float(scale), rows_per, split,
         BLOCK_C=bc, BLOCK_N=bnn, BLOCK_R=br,
         IEEE=_ieee(a.dtype), UPCAST=_upcast(a.dtype), SCALE_B=scale_b,
         num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
-    return part[0] if split == 1 else part.sum(0)
+    return grad
 
 
 def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> tuple[Tensor, Tensor]:
-    """Runs ``_bwd_dx``: returns (u float32 [N, r], dλ float32 [r]); adds/writes ``u Q`` into ``dx``."""
+    """Runs ``_bwd_dx``: returns (u float32 [N, r], full-size dλ in λ's dtype); adds/writes ``u Q`` into ``dx``."""
     _common.check_dtype_supported(g.device, g.dtype)
     n, out = g.shape
-    r, k = Q.shape
+    k = Q.shape[1]
+    r = xq.shape[1]
     br = rank_block(r)
     bm, bk, bn, warps, stages = _blocks_rows(n, br, g.element_size(), shared_memory(g.device))
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(k, bk), g.device) if dx is not None else (1, 0)
     u = _common.empty((n, r), torch.float32, g.device)
-    dlam_part = _common.empty((m_tiles, r), torch.float32, g.device)
+    dlam_part = _common.empty((m_tiles, br), torch.float32, g.device)
+    dlam = _common.empty(lam.shape, lam.dtype, g.device)
     _bwd_dx_kernel[(m_tiles, split)](
-        g, P, Q, lam, active, xq, u, dlam_part, dx if dx is not None else u,
-        n, k, out, r,
+        g, P, Q, lam, active, xq, u, dlam_part, _common.counters(g.device, 1), dlam, dx if dx is not None else u,
+        n, k, out, r, lam.shape[0], m_tiles,
         g.stride(0), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), lam.stride(0), active.stride(0),
         dx.stride(0) if dx is not None else 0,
         float(scale), per,
@@ -359,7 +420,7 @@ def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> 
         IEEE=_ieee(g.dtype), UPCAST=_upcast(g.dtype), WRITE_DX=dx is not None, ACCUM=accum,
         num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
-    return u, dlam_part.sum(0)
+    return u, dlam
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -374,34 +435,40 @@ def _none_if_empty(t: Tensor) -> Tensor | None:
 @torch.library.custom_op("elalora::triton_adapter_fwd", mutates_args=())
 def _fwd_op(
     x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-    P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, store_xq: bool,
+    P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, r: int, store_xq: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(y = x W0ᵀ + bias + adapter, xq = xₐ Qᵀ float32 [N, r] or an empty tensor unless ``store_xq``)."""
+    """(y = x W0ᵀ + bias + adapter over slots [0, r), xq = xₐ Qᵀ float32 [N, r] or an empty tensor unless ``store_xq``)."""
     xa = x if xd is None else xd
     with _common.launch_guard(x.device):
         y = F.linear(x, weight, bias).contiguous()
         xq = _common.run_or_fall_back(
-            _key(x, P), lambda: _fwd(xa, P, lam, Q, active, scale, y, store_xq),
-            lambda: _fwd_torch(xa, P, lam, Q, active, scale, y, store_xq),
+            _key(x, r), lambda: _fwd(xa, P, lam, Q, active, scale, r, y, store_xq),
+            lambda: _fwd_torch(xa, P, lam, Q, active, scale, r, y, store_xq),
         )
     return y, xq if xq is not None else x.new_empty(0, dtype=torch.float32)
 
 
-def _key(x: Tensor, P: Tensor) -> tuple:
+def _key(x: Tensor, r: int) -> tuple:
     """What a compile or launch failure is remembered by: the op, its dtype and rank block."""
-    return ("adapter_linear", x.dtype, rank_block(P.shape[1]))
+    return ("adapter_linear", x.dtype, rank_block(r))
 
 
-def _fwd_torch(xa, P, lam, Q, active, scale, y, store_xq) -> Tensor | None:
+def _fwd_torch(xa, P, lam, Q, active, scale, r, y, store_xq) -> Tensor | None:
     """``_fwd`` in torch ops (the fallback), fp32 accumulation like the kernel."""
-    xq = xa.float() @ Q.float().t()
-    y += (((xq * (lam.float() * active)) * scale) @ P.float().t()).to(y.dtype)
+    P, lam, Q, active = _slots(P, lam, Q, active, r, xa.dtype)
+    xq = xa.float() @ Q.t()
+    y += (((xq * (lam * active)) * scale) @ P.t()).to(y.dtype)
     return xq if store_xq else None
 
 
+def _slots(P, lam, Q, active, r, dtype):
+    """Slots [0, r) of the parameters, rounded to the compute dtype as the kernels read them, in float32."""
+    return (*(t.to(dtype).float() for t in (P[:, :r], lam[:r], Q[:r])), active[:r].float())
+
+
 @_fwd_op.register_fake
-def _(x, xd, weight, bias, P, lam, Q, active, scale, store_xq):
-    xq_shape = (x.shape[0], P.shape[1]) if store_xq else (0,)
+def _(x, xd, weight, bias, P, lam, Q, active, scale, r, store_xq):
+    xq_shape = (x.shape[0], r) if store_xq else (0,)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xq_shape, dtype=torch.float32)
 
 
@@ -410,10 +477,10 @@ def _bwd_op(
     g: Tensor, x: Tensor, xd: Optional[Tensor], weight: Tensor, P: Tensor, lam: Tensor, Q: Tensor,
     active: Tensor, xq: Tensor, scale: float, need_x: bool, need_xd: bool, need_p: bool, need_lam: bool, need_q: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dxd, dP, dλ, dQ), each an empty tensor where not needed."""
+    """(dx, dxd, dP, dλ, dQ), each an empty tensor where not needed; dP, dλ, dQ full-size (slots [0, r), r = xq's width)."""
     args = (g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q)
     with _common.launch_guard(g.device):
-        grads = _common.run_or_fall_back(_key(g, P), lambda: _bwd(*args), lambda: _bwd_torch(*args))
+        grads = _common.run_or_fall_back(_key(g, xq.shape[1]), lambda: _bwd(*args), lambda: _bwd_torch(*args))
     return tuple(t if t is not None else g.new_empty(0) for t in grads)  # outputs must not alias
 
 
@@ -422,7 +489,7 @@ def _bwd(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p
     if need_x:
         dx = g @ weight  # cuBLAS; the adapter part is added in place below
     if need_p:
-        dP = _tn(g, xq, lam, active, scale, out_t=False).to(P.dtype)
+        dP = _tn(g, xq, lam, active, scale, P, out_t=False)
     if need_xd or need_lam or need_q or (need_x and xd is None):
         if xd is None:
             target, accum = (dx, True) if need_x else (None, False)
@@ -430,26 +497,34 @@ def _bwd(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p
             dxd = _common.empty(xd.shape, xd.dtype, xd.device) if need_xd else None
             target, accum = dxd, False
         u, dl = _bwd_dx(g, P, Q, lam, active, xq, scale, target, accum)
-        if need_lam:
-            dlam = (dl * active.to(dl.dtype)).to(lam.dtype)
+        dlam = dl if need_lam else None
         if need_q:
-            dQ = _tn(x if xd is None else xd, u, None, None, 1.0, out_t=True).to(Q.dtype)
+            dQ = _tn(x if xd is None else xd, u, None, None, 1.0, Q, out_t=True)
     return dx, dxd, dP, dlam, dQ
 
 
 def _bwd_torch(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q):
     """``_bwd`` in torch ops (the fallback), fp32 accumulation like the kernels."""
-    coef = lam.float() * active
-    dz = (g.float() @ P.float()) * scale  # ∂L/∂(xq ⊙ λ_eff)
+    r = xq.shape[1]
+    Pr, lamr, Qr, act = _slots(P, lam, Q, active, r, g.dtype)
+    coef = lamr * act
+    dz = (g.float() @ Pr) * scale  # ∂L/∂(xq ⊙ λ_eff)
     u = dz * coef  # ∂L/∂xq
     dx = g @ weight if need_x else None
     if need_x and xd is None:
-        dx += (u @ Q.float()).to(dx.dtype)
-    dxd = (u @ Q.float()).to(xd.dtype) if need_xd else None
-    dP = (g.float().t() @ (xq * coef * scale)).to(P.dtype) if need_p else None
-    dlam = ((dz * xq).sum(0) * active).to(lam.dtype) if need_lam else None
-    dQ = (u.t() @ (x if xd is None else xd).float()).to(Q.dtype) if need_q else None
+        dx += (u @ Qr).to(dx.dtype)
+    dxd = (u @ Qr).to(xd.dtype) if need_xd else None
+    dP = _full_size(P, g.float().t() @ (xq * coef * scale), 1) if need_p else None
+    dlam = _full_size(lam, (dz * xq).sum(0) * act, 0) if need_lam else None
+    dQ = _full_size(Q, u.t() @ (x if xd is None else xd).float(), 0) if need_q else None
     return dx, dxd, dP, dlam, dQ
+
+
+def _full_size(like: Tensor, slots: Tensor, dim: int) -> Tensor:
+    """A gradient of ``like``'s shape and dtype: ``slots`` in the first slots along the rank dimension ``dim``, zeros after."""
+    grad = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    grad.narrow(dim, 0, slots.shape[dim]).copy_(slots)
+    return grad
 
 
 @_bwd_op.register_fake
@@ -461,11 +536,11 @@ def _(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, n
 
 
 class AdapterLinearFunction(torch.autograd.Function):
-    """Base GEMM (cuBLAS) + fused adapter; inputs are 2-D. ``xd`` is dropout(x) or None."""
+    """Base GEMM (cuBLAS) + fused adapter over slots [0, r); inputs are 2-D. ``xd`` is dropout(x) or None."""
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale):
-        y, xq = _fwd_op(x, xd, weight, bias, P, lam, Q, active, scale, True)
+    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale, r):
+        y, xq = _fwd_op(x, xd, weight, bias, P, lam, Q, active, scale, r, True)
         ctx.save_for_backward(x, xd, weight, P, lam, Q, active, xq)
         ctx.scale = scale
         return y
@@ -479,10 +554,15 @@ class AdapterLinearFunction(torch.autograd.Function):
         dx, dxd, dP, dlam, dQ = (_none_if_empty(t) for t in grads)
         dw = g.t() @ x if need_w else None
         db = g.sum(0) if need_b else None
-        return dx, dxd, dw, db, dP, dlam, dQ, None, None
+        return dx, dxd, dw, db, dP, dlam, dQ, None, None, None
 
 
 # --------------------------------------------------------------------------- public op
+# The dispatch layer may hand P, λ and Q over in their own dtype (float32 under autocast):
+# the kernels read them so and cast inside, saving a launch per parameter and its backward.
+READS_PARAMETERS_IN_ANY_DTYPE = True
+
+
 def adapter_linear(
     x: Tensor,
     weight: Tensor,
@@ -493,18 +573,23 @@ def adapter_linear(
     active: Tensor,
     scale: float,
     dropout_p: float = 0.0,
+    rank: int | None = None,
 ) -> Tensor:
-    """``reference.adapter_linear`` with the Triton adapter kernels (same signature, same dropout draw)."""
+    """``reference.adapter_linear`` with the Triton adapter kernels (same signature, same dropout draw).
+
+    Computes in x's dtype; P, λ and Q may be in another (they are cast inside the kernels)
+    and their gradients come back in it, full-size.
+    """
     check_device(x, weight, bias, P, lam, Q, active)
     check_rank(P.shape[1])
+    r = P.shape[1] if rank is None else int(rank)
     xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None  # first, as the reference does
     in_features = x.shape[-1]
     lead = x.shape[:-1]
-    out_features, r = P.shape
+    out_features = P.shape[0]
     if x.numel() == 0 or r == 0:  # nothing to fuse
+        P, lam, Q, active = P[:, :r].to(x.dtype), lam[:r].to(x.dtype), Q[:r].to(x.dtype), active[:r]
         return F.linear(x, weight, bias) + scale * (((x if xd is None else xd) @ Q.t()) * (lam * active.to(lam.dtype))) @ P.t()
-    dtype = x.dtype
-    P, lam, Q = (t if t.dtype == dtype else t.to(dtype) for t in (P, lam, Q))
     x2 = x.reshape(-1, in_features)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -515,7 +600,7 @@ def adapter_linear(
             xd2 = xd2.contiguous()
     tensors = (x2, xd2, weight, bias, P, lam, Q)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y = AdapterLinearFunction.apply(x2, xd2, weight, bias, P, lam, Q, active, float(scale))
+        y = AdapterLinearFunction.apply(x2, xd2, weight, bias, P, lam, Q, active, float(scale), r)
     else:
-        y, _ = _fwd_op(x2, xd2, weight, bias, P, lam, Q, active, float(scale), False)
+        y, _ = _fwd_op(x2, xd2, weight, bias, P, lam, Q, active, float(scale), r, False)
     return y.reshape(*lead, out_features)

@@ -3,9 +3,9 @@
 Every launch is intercepted: its cache key is computed with the binder Triton
 builds for an sm_90 target (the key that decides whether ``JITFunction.run``
 compiles) and the launch is skipped. A layer's forward and backward go through
-the dispatch layer, as in training, with float32 weights, plain and under bf16
-autocast (which casts the slices ``P[:, :r]``, λ and Q to copies whose strides
-follow r). A round changes the active rank, a new batch changes N; neither may
+the dispatch layer, as in training: float32 weights, full-size P, λ, Q with the
+active rank as a number (as ElaLoRALinear passes them), plain and under bf16
+autocast (the kernels then read the float32 parameters and cast inside). A round changes the active rank, a new batch changes N; neither may
 need a new compilation while the rank stays within one power-of-two rank block.
 Run with TRITON_INTERPRET unset (a subprocess of tests/triton/test_no_recompile.py);
 prints the distinct keys per kernel, per mode, as JSON.
@@ -51,8 +51,8 @@ for mode in ("plain", "bf16 autocast"):
         for r in (17, 24, 31, 32):  # a round moves the active rank within one rank block
             x = torch.zeros(n, IN, requires_grad=True)
             with elalora_kernels.use_backend("triton"), torch.autocast("cpu", torch.bfloat16, enabled=mode != "plain"):
-                y = elalora_kernels.adapter_linear(x, weight, None, P_full[:, :r], lam_full[:r], Q_full[:r],
-                                                   active_full[:r], 2.0)
+                y = elalora_kernels.adapter_linear(x, weight, None, P_full, lam_full, Q_full, active_full, 2.0,
+                                                   rank=r)
             y.backward(torch.zeros_like(y))
     counts[mode] = {name: len(k) for name, k in keys.items()}
 print(json.dumps(counts))

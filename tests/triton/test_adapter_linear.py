@@ -36,13 +36,18 @@ def _case(device, n, d_in, d_out, r_max, r, gaps=True, batch=None, bias=True, se
     return {k: (v.to(device) if v is not None else None) for k, v in t.items()}, r
 
 
-def _run(fn, case, r, dtype, scale=2.0, dropout_p=0.0, seed=1, need_w=False):
+def _run(fn, case, r, dtype, scale=2.0, dropout_p=0.0, seed=1, need_w=False, full=False, param_dtype=None):
+    """One forward + backward; ``full``: the layer's interface (full-size P, λ, Q and the rank as a number),
+    else the slices P[:, :r], λ[:r], Q[:r]. ``param_dtype``: P, λ, Q in another dtype than x (autocast)."""
     x = case["x"].to(dtype).clone().requires_grad_()
-    P, lam, Q = (case[k].to(dtype).clone().requires_grad_() for k in ("P", "lam", "Q"))
+    P, lam, Q = (case[k].to(param_dtype or dtype).clone().requires_grad_() for k in ("P", "lam", "Q"))
     W = case["W"].to(dtype).clone().requires_grad_(need_w)
     b = case["b"].to(dtype) if case["b"] is not None else None
     torch.manual_seed(seed)
-    y = fn(x, W, b, P[:, :r], lam[:r], Q[:r], case["active"][:r], scale, dropout_p)
+    if full:
+        y = fn(x, W, b, P, lam, Q, case["active"], scale, dropout_p, rank=r)
+    else:
+        y = fn(x, W, b, P[:, :r], lam[:r], Q[:r], case["active"][:r], scale, dropout_p)
     y.backward(case["g"].to(dtype))
     out = {"y": y, "dx": x.grad, "dP": P.grad, "dlam": lam.grad, "dQ": Q.grad}
     if need_w:
@@ -50,10 +55,10 @@ def _run(fn, case, r, dtype, scale=2.0, dropout_p=0.0, seed=1, need_w=False):
     return {k: v.detach().double() for k, v in out.items()}
 
 
-def _compare(case, r, dtype, **kw):
+def _compare(case, r, dtype, param_dtype=None, **kw):
     exact = _run(reference.adapter_linear, case, r, torch.float64, **kw)
     eager = _run(reference.adapter_linear, case, r, dtype, **kw)
-    fast = _run(triton_backend.adapter_linear, case, r, dtype, **kw)
+    fast = _run(triton_backend.adapter_linear, case, r, dtype, param_dtype=param_dtype, **kw)
     for name in exact:
         assert torch.isfinite(fast[name]).all(), f"{name}: non-finite values (unwritten output?)"
         mag = exact[name].abs().max().clamp_min(1e-30)
@@ -92,6 +97,26 @@ def test_batched_input_no_bias_and_weight_grad(device):
     case, r = _case(device, 0, 48, 40, 8, 8, batch=(2, 3), bias=False)
     fast, _ = _compare(case, r, torch.float32, need_w=True)
     assert fast["y"].shape == (2, 3, 40)
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("n,r_max,r", [(1, 40, 9), (200, 20, 13), (123, 7, 7)])
+def test_full_size_interface(device, n, r_max, r, dtype, param_dtype):
+    """The layer's interface: full-size P, λ, Q (float32 under autocast, cast inside the kernels) and the rank
+    as a number; gradients come back full-size in the parameters' dtype, exactly 0 beyond slot r (the
+    buffers start as NaN). n = 200 splits every reduction over several programs (reduced in-kernel)."""
+    case, r = _case(device, n, 70, 33, r_max, r)
+    fast, _ = _compare(case, r, dtype, param_dtype=param_dtype, full=True)
+    assert fast["dP"].shape == (33, r_max) and fast["dlam"].shape == (r_max,) and fast["dQ"].shape == (r_max, 70)
+    assert (fast["dP"][:, r:] == 0).all() and (fast["dlam"][r:] == 0).all() and (fast["dQ"][r:] == 0).all()
+
+
+def test_in_kernel_reductions_are_deterministic(device):
+    case, r = _case(device, 200, 70, 33, 20, 13)
+    first, second = (_run(triton_backend.adapter_linear, case, r, torch.float32, full=True) for _ in range(2))
+    for name in ("dP", "dlam", "dQ"):
+        assert torch.equal(first[name], second[name]), name
 
 
 def test_inactive_slots_get_exactly_zero_grad(device):
