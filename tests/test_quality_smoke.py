@@ -157,3 +157,35 @@ def test_adalora_without_task_type_would_be_caught(monkeypatch):
     data = {"train": type("D", (), {"batch": lambda self, index: batch, "__len__": lambda self: 32})()}
     with pytest.raises(RuntimeError, match="not its authors' objective"):
         quality.run_one(dict(task="movies", r=2, method="adalora", lr=1e-3, seed=0), data, quality.SETUP)
+
+
+def test_headline_pairs_run_reallocation_off_at_the_defaults_lr_and_report_a_t_interval():
+    """The ablation's arms share one lr (the default's validation pick), whatever lr reallocation off would pick;
+    the interval is Student's t over seeds."""
+    low, high = quality.LRS
+    fixed = f"{quality.DEFAULT}-fixed"
+    rows = [_row(quality.DEFAULT, low, 0, 0.70, 0.5, r=2), _row(quality.DEFAULT, high, 0, 0.80, 0.5, r=2),
+            _row(fixed, low, 0, 0.90, 0.5, r=2), _row(fixed, high, 0, 0.60, 0.5, r=2)]
+    assert quality.picked_lr(rows, "movies", 2, fixed) == low and quality.headline_lr(rows, "movies", 2, fixed) == high
+    todo = {(s["method"], s["lr"], s["seed"]) for s in quality.plan(rows, ["movies"], (quality.DEFAULT, fixed))
+            if s["r"] == 2}
+    assert (fixed, high, 9) in todo and (fixed, low, 9) not in todo and (quality.DEFAULT, high, 9) in todo
+    for seed, (mine, theirs) in enumerate([(0.85, 0.84), (0.86, 0.83), (0.84, 0.84)], start=1):
+        rows += [_row(quality.DEFAULT, high, seed, 0.8, mine, r=2), _row(fixed, high, seed, 0.8, theirs, r=2)]
+    rows += [_row(fixed, low, 1, 0.8, 0.99, r=2)]  # reallocation off at its own pick: never paired
+    diffs = quality.headline_pairs(rows, "movies", 2, quality.DEFAULT, fixed)
+    assert [round(d, 3) for d in diffs] == [0.0, 0.01, 0.03, 0.0]
+    low_ci, high_ci = quality.t_interval(diffs)
+    assert round(high_ci - 0.01, 5) == round(0.01 - low_ci, 5) == round(3.182 * 0.014142 / 2, 5)
+    assert "| +1.00 | [-1.25, +3.25] | 2/4 |" in "\n".join(quality.headline(rows))
+
+
+def test_the_long_cell_reports_one_seeds_final_rank_per_layer_and_its_rounds():
+    names = [f"bert.encoder.layer.{i}.attention.self.{k}" for i in range(2) for k in ("query", "value")]
+    row = _row(quality.DEFAULT, 5e-3, 0, 0.8, 0.85, r=2)
+    row.update(layers=names, final_ranks=[1, 3, 2, 2], rounds=1, ranks_moved=1, val_curve={
+        str(t): 0.8 for t in quality.LONG["eval_at"]}, rank_history=[dict(step=120, pruned={names[0]: 1},
+                                                                         expanded={names[1]: 1}, ranks=[1, 3, 2, 2])])
+    text = "\n".join(quality.long_cell([row], []))
+    assert "| 0 | 1 | 3 |" in text and "| 1 | 2 | 2 |" in text
+    assert "* step 120: 0.attention.self.query → 0.attention.self.value" in text
