@@ -7,11 +7,12 @@ A saved adapter is a directory::
                                LoRA serving stacks load the directory as it is
     elalora_config.json        format, version, save_id, the ElaLoRAConfig (when known), per-layer
                                active rank / r_max / shapes / scale / dtype, extra tensor names,
-                               the base model's description
+                               the base model's description, the digest of the PEFT file's data
     elalora_model.safetensors  every slot, active or not: "<layer>.lora_P" [out, r_max],
                                "<layer>.lora_lam" [r_max], "<layer>.lora_Q" [r_max, in], and
-                               "extra.<param>" for other trainable parameters (e.g. a head);
-                               its metadata holds the same save_id
+                               "extra.<param>" for the modules_to_save (e.g. a head) and other
+                               trainable parameters; its metadata holds the same save_id and
+                               the digest of its data
     allocator.json,            (optional) the allocator state, for resuming
     allocator.safetensors      (see ``elalora.allocator_files``), with the same save_id
 
@@ -22,13 +23,12 @@ previous complete save, or the new one. Every file of one save also records
 the save's random ``save_id``, so files of two saves put together by hand are
 detected on load.
 
-Earlier layouts still load: versions 1 and 2 kept elalora's own format under
-PEFT's file names (active slots only; version 1 paired its files by SHA-256).
-Saving such a model again writes the present layout.
-
-``load_adapter`` checks every key, shape and dtype against the model (and the
-allocator, when given) before it changes anything: on any mismatch it raises
-``AdapterLoadError`` and the model and allocator are left untouched.
+``load_adapter`` checks every file it reads (the digests of the tensor files'
+data, see ``elalora._files``) and every key, shape and dtype against the model
+(and the allocator, when given) before it changes anything: on any mismatch or
+damage it raises ``AdapterLoadError`` naming the file, and the model and
+allocator are left untouched. Only this layout (version 4) loads; the layouts
+of earlier, unreleased development versions do not.
 """
 from __future__ import annotations
 
@@ -40,16 +40,18 @@ import torch
 import torch.nn as nn
 
 from . import fsdp
-from ._files import SaveFiles, commit_files, new_save_id, read_json, read_safetensors, recover, same_save
+from ._files import (
+    DIGEST_KEY, SaveFiles, check_digest, commit_files, new_save_id, read_json, read_safetensors, recover, same_save,
+    tensors_digest,
+)
 from .allocator_files import ALLOCATOR_FILES, add_allocator_state, read_allocator_state
 from .config import ElaLoRAConfig
-from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, lora_factors, peft_lora_config, trained_module_names
+from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, lora_factors, peft_lora_config, saved_module_names
 from .layer import ElaLoRALinear
 from .model import adapter_layers, inject, out_in_features, target_names
 
 FORMAT = "elalora-adapter"
-VERSION = 3  # 3: own file names, every slot; 2: PEFT's names, files paired by save_id; 1: by SHA-256
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4  # 4: digests of the data; earlier (unreleased) layouts are not read
 CONFIG_NAME = "elalora_config.json"
 WEIGHTS_NAME = "elalora_model.safetensors"
 SLOT_TENSORS = ("lora_P", "lora_lam", "lora_Q")
@@ -78,9 +80,10 @@ def save_adapter(
     ``config`` (or ``allocator.config``) is stored so that ``load_adapter`` can
     inject a plain base model by itself. With ``allocator``, its state is saved
     too, for resuming bit for bit (optimizer state is the caller's to save).
-    With ``include_trainable`` every other trainable parameter outside the
-    adapters (such as a newly initialised classification head) is saved as
-    ``extra.<name>``, and its module as a PEFT ``modules_to_save``. ``base_model``
+    With ``include_trainable`` the ``modules_to_save`` of the model's config
+    (such as a newly initialised classification head, trainable or frozen) and
+    every other trainable parameter outside the adapters are saved as
+    ``extra.<name>``, and their modules as PEFT ``modules_to_save``. ``base_model``
     (JSON data describing the base model, as ``save_pretrained`` writes it) is
     stored as is; its ``name_or_path`` becomes PEFT's ``base_model_name_or_path``.
     The files replace an earlier save in ``directory`` all together or not at all.
@@ -116,23 +119,23 @@ def save_adapter(
             "dtype": _dtype_name(layer.lora_P.dtype),
         }
     extra = []
-    modules_to_save = trained_module_names(model) if include_trainable else []
+    modules_to_save = saved_module_names(model) if include_trainable else []
     if include_trainable:
         adapter_params = {id(p) for _, layer in layers for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
         for pname, p in model.named_parameters():
-            if p.requires_grad and id(p) not in adapter_params:
+            in_saved_module = any(pname.startswith(m + ".") for m in modules_to_save)
+            if id(p) not in adapter_params and (p.requires_grad or in_saved_module):
                 tensors[f"extra.{pname}"] = fsdp.full(p)
                 extra.append(pname)
-        for module_name in modules_to_save:
-            for pname, p in model.get_submodule(module_name).named_parameters():
-                peft_tensors[f"base_model.model.{module_name}.{pname}"] = fsdp.full(p)
+                if in_saved_module:
+                    peft_tensors[f"base_model.model.{pname}"] = tensors[f"extra.{pname}"]
 
     alloc_state = allocator.state_dict() if allocator is not None else None  # a collective under FSDP2
     if not fsdp.is_writer(layers[0][1].lora_P):
         return Path(directory)
     save_id = new_save_id()
     files = SaveFiles()
-    files.safetensors(PEFT_WEIGHTS_NAME, peft_tensors, metadata={"format": "pt"})
+    files.safetensors(PEFT_WEIGHTS_NAME, peft_tensors, metadata={"format": "pt"}, digest=False)  # plain PEFT
     files.json(PEFT_CONFIG_NAME, peft_lora_config(
         layers, {name: meta["rank"] for name, meta in meta_layers.items()}, modules_to_save=modules_to_save,
         base_model_name_or_path=(base_model or {}).get("name_or_path"),
@@ -148,6 +151,7 @@ def save_adapter(
         "extra": extra,
         "rank_pattern": {name: meta["rank"] for name, meta in meta_layers.items()},
         "base_model": base_model,
+        "peft_" + DIGEST_KEY: tensors_digest(peft_tensors),  # the PEFT file stays plain PEFT: its digest is here
     })
     if alloc_state is not None:
         add_allocator_state(files, alloc_state, save_id)
@@ -157,43 +161,51 @@ def save_adapter(
 
 # -------------------------------------------------------------------- load
 def read_adapter_config(directory: str | Path) -> dict:
-    """The checked contents of ``elalora_config.json`` (``AdapterLoadError`` if it is not one this elalora reads).
-
-    A directory of the earlier layout (elalora's format under PEFT's names) is read as well;
-    the returned dict's ``"weights_file"`` names the safetensors file that goes with it.
-    """
+    """The checked contents of ``elalora_config.json`` (``AdapterLoadError`` naming the file if it is not one
+    this elalora reads); its ``"config"`` is parsed into an ``ElaLoRAConfig`` (or ``None``)."""
     directory = Path(directory)
     recover(directory)  # finish a save that was stopped after its commit point
     path = directory / CONFIG_NAME
     if not path.is_file():
-        path = directory / PEFT_CONFIG_NAME
-        if not path.is_file():
-            raise AdapterLoadError(f"load_adapter: {directory / CONFIG_NAME} not found (not an ElaLoRA save)")
+        peft_type = _peft_type(directory / PEFT_CONFIG_NAME)
+        if peft_type is not None:
+            raise AdapterLoadError(
+                f"load_adapter: {directory} holds a PEFT {peft_type} adapter but no {CONFIG_NAME}; "
+                "load it with peft.PeftModel.from_pretrained (or transformers' from_pretrained)"
+            )
+        raise AdapterLoadError(f"load_adapter: {path} not found (not an ElaLoRA save)")
     try:
         meta = read_json(path)
     except ValueError as err:
         raise AdapterLoadError(f"load_adapter: {err}") from None
-    if isinstance(meta, dict) and meta.get("peft_type") is not None:
-        raise AdapterLoadError(
-            f"load_adapter: {directory} holds a PEFT {meta['peft_type']} adapter but no {CONFIG_NAME}; "
-            "load it with peft.PeftModel.from_pretrained (or transformers' from_pretrained)"
-        )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise AdapterLoadError(f"load_adapter: {path} is not an ElaLoRA adapter config (format {found!r})")
-    if meta.get("version") not in READABLE_VERSIONS:
+    if meta.get("version") != VERSION:
         raise AdapterLoadError(
             f"load_adapter: unsupported adapter version {meta.get('version')!r} in {path} (this elalora reads "
-            f"{', '.join(map(str, READABLE_VERSIONS))})"
+            f"version {VERSION}; earlier versions were unreleased development layouts)"
         )
-    meta["weights_file"] = WEIGHTS_NAME if path.name == CONFIG_NAME else PEFT_WEIGHTS_NAME
+    if meta.get("config") is not None:
+        try:
+            meta["config"] = ElaLoRAConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as err:
+            raise AdapterLoadError(f"load_adapter: {path}: {err}") from None
     return meta
 
 
+def _peft_type(path: Path) -> Optional[str]:
+    """The ``peft_type`` of a readable PEFT ``adapter_config.json`` at ``path``, else ``None``."""
+    try:
+        data = read_json(path) if path.is_file() else None
+    except ValueError:
+        return None
+    return data.get("peft_type") if isinstance(data, dict) else None
+
+
 def is_saved_adapter(directory: str | Path) -> bool:
-    """Whether ``directory`` looks like an elalora save (of this layout or the earlier one)."""
-    directory = Path(directory)
-    return (directory / CONFIG_NAME).is_file() or (directory / PEFT_CONFIG_NAME).is_file()
+    """Whether ``directory`` looks like an elalora save."""
+    return (Path(directory) / CONFIG_NAME).is_file()
 
 
 def load_adapter(
@@ -206,25 +218,14 @@ def load_adapter(
     """Load a saved adapter into ``model`` (and its allocator state into ``allocator``).
 
     If ``model`` holds no adapters yet and the save recorded its config, the
-    target layers are injected first (after all checks pass). Every layer name,
-    tensor key, shape and dtype is checked before anything is changed; on a
-    mismatch ``AdapterLoadError`` is raised and nothing is modified. Returns the
-    loaded rank pattern.
+    target layers are injected first (after all checks pass). Every file read
+    (its data against its digest), layer name, tensor key, shape and dtype is
+    checked before anything is changed; on a mismatch ``AdapterLoadError`` is
+    raised and nothing is modified. Returns the loaded rank pattern.
     """
     directory = Path(directory)
     meta = read_adapter_config(directory)
-    weights_name = meta["weights_file"]
-    weights_path = directory / weights_name
-    if not weights_path.is_file():
-        raise AdapterLoadError(f"load_adapter: {weights_path} not found")
-    try:
-        tensors, tensors_meta = read_safetensors(weights_path)
-    except ValueError as err:
-        raise AdapterLoadError(f"load_adapter: {err}") from None
-    if not same_save(meta, tensors_meta, weights_path, legacy_sha256_key="weights_sha256"):
-        raise AdapterLoadError(
-            f"load_adapter: {weights_name} and its config in {directory} are files of different saves"
-        )
+    tensors = _read_tensor_files(directory, meta)
     saved_layers: dict = meta["layers"]
 
     present = adapter_layers(model)
@@ -240,7 +241,7 @@ def load_adapter(
                 "load_adapter: the model has no ElaLoRA adapters and the save holds no config to inject them; "
                 "call elalora.inject(model, config) first"
             )
-        to_inject = ElaLoRAConfig.from_dict(meta["config"])
+        to_inject = meta["config"]
         targets = target_names(model, to_inject)
         _check_names(list(saved_layers), targets, "the layers the saved config targets in this model")
         layer_map = {n: model.get_submodule(n) for n in targets}
@@ -272,13 +273,12 @@ def load_adapter(
             r_max = to_inject.r_max
         if not (isinstance(r, int) and 1 <= r <= r_max):
             raise AdapterLoadError(f"load_adapter: layer {name!r} has rank {r!r}, outside [1, {r_max}]")
-        width = stored_slots(meta, r, r_max)
-        shapes = {"lora_P": (out_f, width), "lora_lam": (width,), "lora_Q": (width, in_f)}
+        shapes = {"lora_P": (out_f, r_max), "lora_lam": (r_max,), "lora_Q": (r_max, in_f)}
         for key, shape in shapes.items():
             full = f"{name}.{key}"
             expected_keys.add(full)
             if full not in tensors:
-                raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {weights_name}")
+                raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {WEIGHTS_NAME}")
             t = tensors[full]
             if tuple(t.shape) != shape:
                 raise AdapterLoadError(
@@ -293,7 +293,7 @@ def load_adapter(
         full = f"extra.{pname}"
         expected_keys.add(full)
         if full not in tensors:
-            raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {weights_name}")
+            raise AdapterLoadError(f"load_adapter: tensor {full!r} is missing from {WEIGHTS_NAME}")
         if pname not in params:
             if strict_extra:
                 raise AdapterLoadError(f"load_adapter: saved parameter {pname!r} does not exist in the model")
@@ -305,7 +305,7 @@ def load_adapter(
             )
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
-        raise AdapterLoadError(f"load_adapter: unexpected tensors in {weights_name}: {unexpected[:5]}")
+        raise AdapterLoadError(f"load_adapter: unexpected tensors in {WEIGHTS_NAME}: {unexpected[:5]}")
 
     pattern = {name: info["rank"] for name, info in saved_layers.items()}
     alloc_state = None
@@ -323,14 +323,9 @@ def load_adapter(
     with torch.no_grad():
         for name, info in saved_layers.items():
             layer = layer_map[name]
-            r = info["rank"]
-            width = stored_slots(meta, r, layer.r_max)
             for key in SLOT_TENSORS:
-                param = getattr(layer, key)
-                whole = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
-                (whole[:, :width] if key == "lora_P" else whole[:width]).copy_(tensors[f"{name}.{key}"])
-                fsdp.copy_whole_into(param, whole)  # under FSDP2: this process's rows
-            layer.set_active_rank(r)
+                fsdp.copy_whole_into(getattr(layer, key), tensors[f"{name}.{key}"])  # under FSDP2: this process's rows
+            layer.set_active_rank(info["rank"])
         for pname in extra:
             if pname in params:
                 fsdp.copy_whole_into(params[pname], tensors[f"extra.{pname}"])
@@ -339,11 +334,25 @@ def load_adapter(
     return pattern
 
 
-def stored_slots(meta: dict, rank: int, r_max: int) -> int:
-    """How many slots a layer's tensors hold: every slot since version 3, the active ones before
-    (the others load as zeros: an inactive slot never influences a forward, a gradient, a score or
-    a round, and one that becomes active is re-initialised by the allocator)."""
-    return r_max if meta["version"] >= 3 else rank
+def _read_tensor_files(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The tensors of ``elalora_model.safetensors``, after checking both tensor files of the save against
+    their digests (``AdapterLoadError`` naming the file)."""
+    weights_path, peft_path = directory / WEIGHTS_NAME, directory / PEFT_WEIGHTS_NAME
+    for path in (weights_path, peft_path):
+        if not path.is_file():
+            raise AdapterLoadError(f"load_adapter: {path} not found")
+    try:
+        tensors, tensors_meta = read_safetensors(weights_path)
+        # the PEFT file is read only to be checked: transformers and PEFT load it, and it must be whole
+        peft_tensors, _ = read_safetensors(peft_path, digest=False)
+        check_digest(peft_path, peft_tensors, meta.get("peft_" + DIGEST_KEY))
+    except ValueError as err:
+        raise AdapterLoadError(f"load_adapter: {err}") from None
+    if not same_save(meta, tensors_meta):
+        raise AdapterLoadError(
+            f"load_adapter: {WEIGHTS_NAME} and its config in {directory} are files of different saves"
+        )
+    return tensors
 
 
 def _check_names(saved: list[str], model_names: list[str], what: str) -> None:

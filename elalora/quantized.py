@@ -79,7 +79,9 @@ def dequantized_weight(base: nn.Module) -> Tensor:
 
     weight = base.weight
     if base_kind(base) == "int8":
-        return bnb_f.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+        # the row scales move from the weight to the layer's state at its first forward
+        scales = weight.SCB if weight.SCB is not None else base.state.SCB
+        return bnb_f.int8_vectorwise_dequant(weight.data, scales).float()
     state = weight.quant_state
     data = weight.data
     if getattr(state, "packing_format_for_cpu", False):
