@@ -47,7 +47,7 @@ def train_elalora(data: dict, *, steps: int, lr: float, r: int, seed: int, batch
     """The part a user writes: inject, build the allocator on the optimizer, step it after the optimizer."""
     model = harness.load_model(seed)
     config = elalora.ElaLoRAConfig(r=r, target_modules=quality.TARGETS, task_type="SEQ_CLS", total_steps=steps,
-                                   seed=seed, **quality.elalora_schedule(steps))
+                                   seed=seed)  # the schedule follows from total_steps
     model = elalora.inject(model, config)  # task_type="SEQ_CLS": the fresh head trains fully
     state = {}
 
