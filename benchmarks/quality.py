@@ -15,15 +15,18 @@ each method on its authors' objective:
                       ``AdaLoraModel.forward`` adds its orthogonality penalty to the loss (checked, and
                       recorded, at the start of every run); ``update_and_allocate(t)`` after each
                       ``optimizer.step()``, before ``zero_grad``.
-* ``elalora-<init>``: r_init r, r_max 2r, alpha 2r, b 4, k 2, loss + ``allocator.orth_penalty()``.
+* ``elalora-<init>``: r_init r, r_max 2r, alpha 2r, b 4, k 2, loss + ``allocator.orth_penalty()``, and the
+                      library's default schedule for the run's length (t_init, t_final, mask_interval not given).
 * ``elalora-<init>-fixed``: the same adapter, start and penalty with reallocation off (b = 0): what the
                       rank movement itself buys.
 
 The grid: r ∈ {2, 8}; the lr of each (task, r, method) is picked from
 ``LRS`` on the validation split with seed 0, then seeds 1 and 2 run at that
-lr. Where no lr of ``LRS`` leaves the majority class on validation,
+lr; in the headline cells (r = 2, both tasks) seeds 3 to 9 follow, for the default, PEFT LoRA and the default with
+reallocation off at the default's lr. ``--long`` runs the 750-step cell instead. Where no lr of ``LRS`` leaves the
+majority class on validation,
 ``FALLBACK_LRS`` are tried in turn (seed 0), so that a method is compared at
-an lr where it learns. A run whose test accuracy ends within 2 points of the majority class is
+an lr where it learns. A run whose validation accuracy ends within 2 points of the majority class is
 marked "did not learn" and never averaged silently. Each run appends one JSON
 line to ``--jsonl``; runs there are skipped, so the study resumes where it
 stopped, and several workers share the grid through claim files.
@@ -31,6 +34,7 @@ stopped, and several workers share the grid through claim files.
     nice python benchmarks/quality.py & nice python benchmarks/quality.py; wait   # the grid, 2 workers
     python benchmarks/quality.py --write-md            # tables from the JSONL into RESULTS.md
     python benchmarks/quality.py --status              # how far the grid got
+    nice python benchmarks/quality.py --long           # the 750-step cell (after the grid picked its lrs)
 """
 from __future__ import annotations
 
