@@ -21,6 +21,12 @@ save. From then on the journal names a complete new save, and ``recover``
 reader that skips ``recover`` (transformers, PEFT) can see old and new files
 side by side: after a writer was killed during step 3, until an elalora reader
 or writer next opens the folder.
+
+Every safetensors file of elalora's own format carries a SHA-256 digest of its
+tensors (names, dtypes, shapes, bytes) in its metadata, and ``read_safetensors``
+checks it: safetensors itself checks the header, not the data, so a flipped
+byte in the data would otherwise load as a wrong weight. Its cost is measured
+in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -60,8 +66,23 @@ def _json_writer(data: Any) -> Callable[[str], None]:
     return write
 
 
-def _safetensors_writer(tensors: dict, metadata: Optional[dict]) -> Callable[[str], None]:
+DIGEST_KEY = "data_sha256"  # metadata key of the digest in elalora's own safetensors files
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order: what a safetensors file holds."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _safetensors_writer(tensors: dict, metadata: Optional[dict], digest: bool) -> Callable[[str], None]:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if digest:
+        metadata = {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)}
     return lambda tmp: save_file(tensors, tmp, metadata=metadata)
 
 
@@ -92,8 +113,9 @@ class SaveFiles:
     def json(self, name: str, data: Any) -> None:
         self.writers[name] = _json_writer(data)
 
-    def safetensors(self, name: str, tensors: dict, metadata: Optional[dict] = None) -> None:
-        self.writers[name] = _safetensors_writer(tensors, metadata)
+    def safetensors(self, name: str, tensors: dict, metadata: Optional[dict] = None, *, digest: bool = True) -> None:
+        """A safetensors file; with ``digest`` (elalora's own files) its metadata carries the data's digest."""
+        self.writers[name] = _safetensors_writer(tensors, metadata, digest)
 
 
 def commit_files(directory: str | Path, files: SaveFiles, remove: tuple[str, ...] = ()) -> None:
@@ -153,13 +175,27 @@ def _sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a safetensors file; ``ValueError`` naming the file if it is damaged."""
+def read_safetensors(path: str | Path, *, digest: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file; ``ValueError`` naming the file if it is damaged.
+
+    With ``digest`` (elalora's own files) the data must match the digest in the metadata.
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    if digest:
+        check_digest(path, tensors, metadata.get(DIGEST_KEY))
+    return tensors, metadata
+
+
+def check_digest(path: str | Path, tensors: dict[str, torch.Tensor], expected: Optional[str]) -> None:
+    """``ValueError`` naming ``path`` unless ``tensors`` have the digest ``expected``."""
+    if expected is None:
+        raise ValueError(f"{path} carries no digest of its data (damaged, or not written by this elalora)")
+    if tensors_digest(tensors) != expected:
+        raise ValueError(f"{path} is damaged: its data does not match the digest it was saved with")
 
 
 # ------------------------------------------------- files of one save
@@ -168,16 +204,6 @@ def new_save_id() -> str:
     return uuid.uuid4().hex
 
 
-def same_save(json_meta: dict, tensors_meta: dict, tensors_path: Path, legacy_sha256_key: str) -> bool:
-    """Whether a JSON file and a safetensors file were written by the same save.
-
-    Both record the save's ``save_id``; files written before save ids existed
-    instead name the SHA-256 of the safetensors file in the JSON (``legacy_sha256_key``).
-    """
-    if "save_id" in json_meta:
-        return tensors_meta.get("save_id") == json_meta["save_id"]
-    digest = hashlib.sha256()
-    with open(tensors_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest() == json_meta.get(legacy_sha256_key)
+def same_save(json_meta: dict, tensors_meta: dict) -> bool:
+    """Whether a JSON file and a safetensors file were written by the same save (both record its ``save_id``)."""
+    return json_meta.get("save_id") is not None and tensors_meta.get("save_id") == json_meta["save_id"]

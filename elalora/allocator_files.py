@@ -52,7 +52,7 @@ def read_allocator_state(directory: str | Path, save_id: Optional[str] = None) -
     if not isinstance(meta, dict):
         raise ValueError(f"{json_path} holds a {type(meta).__name__}, not an allocator state")
     tensors, tensors_meta = read_safetensors(tensors_path)
-    if not same_save(meta, tensors_meta, tensors_path, legacy_sha256_key="tensors_sha256"):
+    if not same_save(meta, tensors_meta):
         raise ValueError(f"{STATE_TENSORS} and {STATE_JSON} in {directory} are files of different saves")
     if save_id is not None and meta.get("save_id") != save_id:
         raise ValueError(f"the allocator state in {directory} is from another save than the adapter beside it")

@@ -10,8 +10,10 @@ scaling ``lora_alpha / r``; ``adapter_config.json`` therefore gives every
 module its rank in ``rank_pattern`` and an ``alpha_pattern`` equal to that rank,
 so PEFT's scaling is exactly 1 and its ΔW is ours. Keys are the ones PEFT
 writes: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``;
-other trainable parameters (a classification head) are exported as
-``base_model.model.<param>`` with their modules listed in ``modules_to_save``.
+the ``modules_to_save`` of the config the model was injected with (a
+classification head), trained or loaded frozen, and the modules of other
+trainable parameters are exported as ``base_model.model.<param>`` with their
+modules listed in ``modules_to_save``.
 
 ``elalora.save_adapter`` (and so ``save_pretrained`` and the Trainer callback)
 writes this adapter beside elalora's own files, so every save is also one:
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ._files import SaveFiles, commit_files
-from .model import adapter_layers
+from .model import CONFIG_ATTR, adapter_layers, modules_to_save_names
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,6 +67,19 @@ def trained_module_names(model: nn.Module) -> list[str]:
         if p.requires_grad and id(p) not in adapter_ids and owner and owner not in owners:
             owners.append(owner)
     return owners
+
+
+def saved_module_names(model: nn.Module) -> list[str]:
+    """PEFT's ``modules_to_save``: those of the model's own ElaLoRA config (frozen or not, as after loading),
+    then the modules owning other trainable parameters."""
+    config = getattr(model, CONFIG_ATTR, None)
+    names = modules_to_save_names(model, config) if config is not None else []
+    return names + [n for n in trained_module_names(model) if not any(n == m or n.startswith(m + ".") for m in names)]
+
+
+def base_model_name(model: nn.Module) -> Optional[str]:
+    """The name or path the base model was loaded from (transformers' ``config._name_or_path``), if any."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
 def peft_lora_config(
@@ -110,9 +125,12 @@ def export_peft_lora(
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) to ``directory``.
 
-    ``modules_to_save`` defaults to the modules owning trainable parameters
-    outside the adapters (e.g. ``["classifier"]``); pass ``[]`` to export the
-    adapters only. Module names are relative to ``model``: load the export with
+    ``modules_to_save`` defaults to those of the config the model was injected
+    with (e.g. ``["classifier"]``, also when the model was loaded frozen by
+    ``elalora.from_pretrained``) and the modules owning other trainable
+    parameters; pass ``[]`` to export the adapters only.
+    ``base_model_name_or_path`` and ``task_type`` default to the model's own
+    (``config._name_or_path``, the adapter config's ``task_type``). Module names are relative to ``model``: load the export with
     ``PeftModel.from_pretrained`` on the same base model class. The two files
     replace any earlier ones together (see ``elalora._files``).
     """
@@ -120,13 +138,17 @@ def export_peft_lora(
     if not layers:
         raise ValueError("export_peft_lora: model has no ElaLoRALinear layers")
     tensors = {f"base_model.model.{k}": v for k, v in peft_lora_tensors(model).items()}
-    modules_to_save = trained_module_names(model) if modules_to_save is None else list(modules_to_save)
+    modules_to_save = saved_module_names(model) if modules_to_save is None else list(modules_to_save)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = base_model_name(model)
+    if task_type is None and getattr(model, CONFIG_ATTR, None) is not None:
+        task_type = getattr(model, CONFIG_ATTR).task_type
     for module_name in modules_to_save:
         for pname, p in model.get_submodule(module_name).named_parameters():
             tensors[f"base_model.model.{module_name}.{pname}"] = p.detach()
     ranks = {name: layer.active_rank for name, layer in layers}
     files = SaveFiles()
-    files.safetensors(PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    files.safetensors(PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"}, digest=False)  # plain PEFT
     files.json(PEFT_CONFIG_NAME, peft_lora_config(
         layers, ranks, modules_to_save=modules_to_save,
         base_model_name_or_path=base_model_name_or_path, task_type=task_type,

@@ -20,6 +20,7 @@ from typing import Union
 import torch.nn as nn
 
 from .architectures import model_type
+from .export import base_model_name
 from .io import AdapterLoadError, load_adapter, read_adapter_config, save_adapter
 from .model import CONFIG_ATTR, adapter_layers
 
@@ -28,7 +29,7 @@ def base_model_info(model: nn.Module) -> dict:
     """What ``save_pretrained`` records about the base model (``None`` fields for a plain ``nn.Module``)."""
     config = getattr(model, "config", None)
     return {
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "name_or_path": base_model_name(model),
         "model_type": model_type(model),
         "architectures": getattr(config, "architectures", None),
         "class": type(model).__name__,

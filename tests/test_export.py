@@ -121,3 +121,32 @@ def test_gpt2_conv1d_export_loads_in_peft(tmp_path):
         expected = ours.eval()(input_ids=ids).logits
         assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapters matter
         torch.testing.assert_close(served(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_export_of_a_loaded_frozen_model_keeps_the_head_and_the_base_name(tmp_path, family):
+    """The README's `export_peft_lora(elalora.from_pretrained(hub, dir), out)`: the loaded model is frozen, yet
+    its head is exported (from the model's own adapter config), and the base's name comes from the model."""
+    import _tiny_hf as tiny
+    from test_pretrained import trained
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    hub = tmp_path / "hub"
+    tiny.model(family, auto=Auto).save_pretrained(hub)
+    ours = trained(family, Auto, "SEQ_CLS")
+    ours.config._name_or_path = str(hub)  # as if loaded from the hub folder
+    elalora.save_pretrained(ours, tmp_path / "adapter")
+    loaded = elalora.from_pretrained(str(hub), tmp_path / "adapter")
+    assert not any(p.requires_grad for p in loaded.parameters())
+    export_peft_lora(loaded, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    head = "classifier" if family == "bert" else "score"
+    assert cfg["modules_to_save"] == [head] and cfg["base_model_name_or_path"] == str(hub)
+    assert cfg["task_type"] == "SEQ_CLS"
+    ids = tiny.input_ids()
+    with torch.no_grad():
+        expected = loaded.eval()(input_ids=ids).logits
+        served = peft.PeftModel.from_pretrained(Auto.from_pretrained(hub), str(tmp_path / "export")).eval()
+        torch.testing.assert_close(served(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        plain = Auto.from_pretrained(tmp_path / "export").eval()  # transformers alone, the base by its name
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

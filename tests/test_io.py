@@ -16,9 +16,6 @@ from elalora import _files
 from elalora.allocator_files import load_allocator_state
 from elalora.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, load_adapter, save_adapter
 
-VERSION_1_SAVE = Path(__file__).parent / "data" / "adapter_v1"  # written by elalora before save ids
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
 
 
@@ -90,7 +87,7 @@ X = torch.randn(7, 12, generator=torch.Generator().manual_seed(5))
 
 def test_round_trip_is_exact_and_stores_every_slot(tmp_path):
     model, cfg = adapted()
-    model.head.weight.requires_grad_(True)  # a trained head is stored as an extra tensor
+    model.head.weight.requires_grad_(True)  # a trained head is stored as extra tensors, its whole module (as PEFT)
     with torch.no_grad():
         model.head.weight.mul_(3)
     save_adapter(model, tmp_path, config=cfg)
@@ -101,7 +98,8 @@ def test_round_trip_is_exact_and_stores_every_slot(tmp_path):
         assert torch.equal(tensors[f"{name}.lora_P"], layer.lora_P)  # inactive slots too
         assert torch.equal(tensors[f"{name}.lora_lam"], layer.lora_lam)
         assert torch.equal(tensors[f"{name}.lora_Q"], layer.lora_Q)
-    assert "extra.head.weight" in tensors and "extra.head.bias" not in tensors
+    assert torch.equal(tensors["extra.head.weight"], model.head.weight)
+    assert torch.equal(tensors["extra.head.bias"], model.head.bias)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["rank_pattern"] == {n: m.active_rank for n, m in elalora.adapter_layers(model)}
     # under PEFT's names: a PEFT LoRA adapter of the active ranks, the head as a module to save
@@ -194,10 +192,10 @@ def _expect_untouched(model, directory, match, **kw):
 def _rewrite_weights(directory, edit):
     path = directory / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()  # keeps the save id: a consistent but wrong save
+        metadata = f.metadata()  # keeps the save id and makes a new digest: a consistent but wrong save
     tensors = load_file(str(path))
     edit(tensors)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={**metadata, _files.DIGEST_KEY: _files.tensors_digest(tensors)})
 
 
 def test_mismatches_raise_and_leave_model_untouched(tmp_path):
@@ -299,43 +297,11 @@ def test_invalid_allocator_state_changes_nothing(tmp_path):
     tensors = load_file(str(path))
     tensors["ema_ipt"] = torch.ones_like(tensors["ema_ipt"])
     tensors["generator"] = torch.zeros(3, dtype=torch.uint8)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={**metadata, _files.DIGEST_KEY: _files.tensors_digest(tensors)})
     other, _ = adapted(seed=2)
     other_alloc = elalora.RankAllocator(other, cfg)
     _expect_untouched(other, tmp_path, "generator state is invalid", allocator=other_alloc)
     assert not other_alloc.ema_ipt.any()  # the EMAs were not copied before the generator was checked
-
-
-def test_version_1_save_still_loads(tmp_path):
-    """A directory of the earlier layout (elalora's format under PEFT's names, files paired by SHA-256) loads."""
-    model, cfg = adapted(init="paper")  # the start it was saved with: a resumed allocator's config must match
-    fresh = Toy(seed=0)
-    elalora.inject(fresh, config(seed=7, init="paper"))
-    alloc = elalora.RankAllocator(fresh, cfg)
-    load_adapter(fresh, VERSION_1_SAVE, allocator=alloc)
-    with torch.no_grad():
-        assert torch.equal(fresh(X), model(X))
-    n = alloc.ema_ipt.numel()
-    assert alloc.t == 5
-    assert torch.equal(alloc.ema_ipt, torch.arange(n, dtype=torch.float32) / 7)
-    assert torch.equal(alloc.ema_unc, torch.arange(n, dtype=torch.float32) / 11)
-
-    # its files are still paired: weights from another save are detected
-    mixed = tmp_path / "mixed"
-    shutil.copytree(VERSION_1_SAVE, mixed)
-    save_adapter(model, tmp_path / "new", config=cfg)
-    shutil.copy(tmp_path / "new" / WEIGHTS_NAME, mixed / "adapter_model.safetensors")
-    _expect_untouched(Toy(seed=0), mixed, "files of different saves")
-
-    # saved again, it is in the present layout
-    resaved = tmp_path / "resaved"
-    shutil.copytree(VERSION_1_SAVE, resaved)
-    save_adapter(fresh, resaved, allocator=alloc)
-    assert json.loads((resaved / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    again = Toy(seed=0)
-    load_adapter(again, resaved)
-    with torch.no_grad():
-        assert torch.equal(again(X), model(X))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled", "not an object"])
@@ -392,3 +358,38 @@ def test_merged_model_cannot_be_saved_or_loaded(tmp_path):
     with pytest.raises(RuntimeError, match="unmerge"):
         save_adapter(model, tmp_path / "x")
     _expect_untouched(model, tmp_path, "unmerge")
+
+
+# ------------------------------------------------------------ corruption
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _offsets(path: Path) -> dict[str, int]:
+    """Where to flip a byte: a safetensors file's length prefix, header and data (first, middle, last byte)."""
+    size = path.stat().st_size
+    if path.suffix != ".safetensors":
+        return {"start": 0, "middle": size // 2, "end": size - 2}
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    return {"length": 0, "header": 12, "data start": data_start, "data middle": (data_start + size) // 2,
+            "data end": size - 1}
+
+
+def test_a_flipped_byte_in_any_file_read_is_a_load_error_naming_it(tmp_path):
+    """safetensors checks a file's header, not its data: each tensor file's digest catches the rest."""
+    model, cfg = adapted()
+    alloc = elalora.RankAllocator(model, cfg)
+    good = tmp_path / "good"
+    save_adapter(model, good, allocator=alloc)
+    read = [CONFIG_NAME, WEIGHTS_NAME, "adapter_model.safetensors", "allocator.json", "allocator.safetensors"]
+    for name in read:
+        for where, offset in _offsets(good / name).items():
+            d = tmp_path / f"{name}-{where}"
+            shutil.copytree(good, d)
+            _flip(d / name, offset)
+            fresh, _ = adapted(seed=3)
+            fresh_alloc = elalora.RankAllocator(fresh, cfg)
+            _expect_untouched(fresh, d, name.replace(".", r"\."), allocator=fresh_alloc)
+            assert fresh_alloc.t == 0 and not fresh_alloc.ema_ipt.any()

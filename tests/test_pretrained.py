@@ -100,7 +100,9 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("missing config", r"PEFT LORA adapter but no elalora_config.json"),
     ("missing weights", r"elalora_model.safetensors not found"),
-    ("truncated weights", r"not a readable safetensors file"),
+    ("truncated weights", r"elalora_model.safetensors is not a readable safetensors file"),
+    ("truncated PEFT weights", r"adapter_model.safetensors is not a readable safetensors file"),
+    ("unknown config field", r"elalora_config.json: ElaLoRAConfig: unknown fields \['from_the_future'\]"),
 ])
 def test_missing_or_truncated_file_is_rejected(tmp_path, damage, message):
     elalora.save_pretrained(trained("bert", AutoModelForSequenceClassification, "SEQ_CLS"), tmp_path)
@@ -108,9 +110,14 @@ def test_missing_or_truncated_file_is_rejected(tmp_path, damage, message):
         os.remove(tmp_path / CONFIG_NAME)
     elif damage == "missing weights":
         os.remove(tmp_path / WEIGHTS_NAME)
+    elif damage == "unknown config field":
+        meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+        meta["config"]["from_the_future"] = 1
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     else:
-        data = (tmp_path / WEIGHTS_NAME).read_bytes()
-        (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+        name = WEIGHTS_NAME if damage == "truncated weights" else "adapter_model.safetensors"
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
     target = tiny.model("bert", auto=AutoModelForSequenceClassification)
     before = _state(target)
     with pytest.raises(AdapterLoadError, match=message):
