@@ -284,6 +284,8 @@ def plan(rows: list[dict], tasks=None, methods=METHODS) -> list[dict]:
         if (task, r) in HEADLINE_CELLS:
             specs += headline_specs(rows, task, r, HEADLINE_SEEDS, methods)
         todo += [spec for spec in specs if run_key(spec) not in done]
+    # the headline seeds seed by seed across tasks, so that a stopped study leaves complete pairs in every cell
+    todo.sort(key=lambda spec: spec["seed"] if spec["seed"] > SEEDS[-1] else -1)
     return list({run_key(spec): spec for spec in todo}.values())
 
 
