@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import fsdp
+from . import fsdp, quantized
 from ._files import (
     DIGEST_KEY, SaveFiles, check_digest, commit_files, new_save_id, read_json, read_safetensors, recover, same_save,
     tensors_digest,
@@ -117,6 +117,7 @@ def save_adapter(
             "scale": layer.scale,
             "lora_dropout": layer.lora_dropout,
             "dtype": _dtype_name(layer.lora_P.dtype),
+            "quantization": layer.quantization,  # of the base: None (float), "nf4", "fp4" or "int8"
         }
     extra = []
     modules_to_save = saved_module_names(model) if include_trainable else []
@@ -256,6 +257,7 @@ def load_adapter(
                 f"load_adapter: layer {name!r} is {out_f}×{in_f} in the model but "
                 f"{info['out_features']}×{info['in_features']} in the save"
             )
+        _check_quantization(name, info.get("quantization"), module)
         r = info["rank"]
         if isinstance(module, ElaLoRALinear):
             if module.r_max != info["r_max"]:
@@ -353,6 +355,21 @@ def _read_tensor_files(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
             f"load_adapter: {WEIGHTS_NAME} and its config in {directory} are files of different saves"
         )
     return tensors
+
+
+def _check_quantization(name: str, saved: str | None, module: nn.Module) -> None:
+    """An adapter trained on one quantized base loads only onto a base quantized the same way.
+
+    A float base takes any adapter (as PEFT allows: how a QLoRA adapter is merged
+    into full-precision weights), and a float-trained adapter loads onto a
+    quantized base; two different quantizations are refused.
+    """
+    present = module.quantization if isinstance(module, ElaLoRALinear) else quantized.base_kind(module)
+    if saved is not None and present is not None and saved != present:
+        raise AdapterLoadError(
+            f"load_adapter: layer {name!r} was trained on a {saved} base but the model's base is {present}; "
+            f"load the base model quantized as {saved} (or as a float model)"
+        )
 
 
 def _check_names(saved: list[str], model_names: list[str], what: str) -> None:
