@@ -125,6 +125,6 @@ def test_orth_penalty_inactive_slots_are_cut_out():
 
 @elalora_kernels.use_backend("cpu")
 def test_cpu_backend_and_dispatch_use_the_batched_rank_scores():
-    assert cpu.rank_scores is batched.rank_scores  # the orthogonality penalty: tests/test_orth_penalty.py
+    assert cpu.rank_scores is batched.rank_scores  # the orthogonality penalty: tests/test_cpu_orth_penalty.py
     ipt, unc = _emas(MIXED, 4, seed=5)
     assert torch.equal(elalora_kernels.rank_scores(ipt, unc), reference.rank_scores(ipt, unc))

@@ -8,12 +8,10 @@ run on CPU tensors, which is how CI proves them without a GPU.
 * ``score_ema_update`` — every adapter tensor in one launch (``score_ema.py``); ``LaunchPlan``, the
   allocator's per-step version of it
 * ``rank_scores``      — every matrix in one launch (``rank_scores.py``)
-* ``orth_penalty``     — the batched torch version of :mod:`elalora_kernels.batched`
-  (a few batched matmuls per distinct shape; cuBLAS is the right tool there)
+* ``orth_penalty``     — every P and Q in one launch forward, one backward (``orth_penalty.py``)
 """
-from elalora_kernels.batched import orth_penalty
-
 from .adapter_linear import READS_PARAMETERS_IN_ANY_DTYPE, AdapterLinearFunction, adapter_linear
+from .orth_penalty import orth_penalty
 from .rank_scores import rank_scores
 from .score_ema import LaunchPlan, score_ema_update, score_ema_update_async
 
