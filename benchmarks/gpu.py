@@ -58,6 +58,7 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
+INHERITED_INTERPRET = os.environ.get("TRITON_INTERPRET")  # make gpu-check clears it; recorded to show it did
 import torch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not ARGS.smoke
@@ -156,11 +157,18 @@ def save() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": DEVICE_NAME, "smoke": SMALL, "host_only": ARGS.host_only, "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-        "load_average": os.getloadavg(), **STATUS,
+        "load_average": os.getloadavg(), "inherited_triton_interpret": INHERITED_INTERPRET, **STATUS,
         "checks": CHECKS, "timings": ROWS, "all_checks_ok": all(c["ok"] for c in CHECKS), "seconds": seconds,
     }
-    OUT.write_text(json.dumps(results, indent=2, default=str))
-    TABLE.write_text("\n".join(table_lines(seconds)) + "\n")
+    _write_atomically(OUT, json.dumps(results, indent=2, default=str))
+    _write_atomically(TABLE, "\n".join(table_lines(seconds)) + "\n")
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """A run killed mid-write (time limit, OOM killer) leaves the previous complete file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -178,12 +186,12 @@ def adapter_inputs(n, d_in, d_out, r, seed=0):
 
 
 def adapter_run(fn, t, dtype, autocast=None):
-    """One call on the layer's slices P[:, :r], λ[:r], Q[:r] (P strided, as ElaLoRALinear passes it)."""
+    """One call as ElaLoRALinear makes it: full-size P, λ, Q (2r slots) and the active rank r as a number."""
     r = t["r"]
     x = t["x"].to(dtype).clone().requires_grad_()
     P, lam, Q = (t[k].to(dtype).clone().requires_grad_() for k in ("P", "lam", "Q"))
     with torch.autocast(DEVICE.type, dtype=autocast, enabled=autocast is not None):
-        y = fn(x, t["W"].to(dtype), t["b"].to(dtype), P[:, :r], lam[:r], Q[:r], t["active"][:r], 2.0, 0.0)
+        y = fn(x, t["W"].to(dtype), t["b"].to(dtype), P, lam, Q, t["active"], 2.0, 0.0, rank=r)
     y.backward(t["g"].to(y.dtype))
     return {"y": y.detach(), "dx": x.grad, "dP": P.grad, "dlam": lam.grad, "dQ": Q.grad}
 
@@ -209,26 +217,37 @@ def check_adapter(n, d_in, d_out, r, dtype, autocast=None):
               f"triton {e_fast:.2e}  eager {e_eager:.2e}  {'ok' if ok else 'FAIL'}")
 
 
+class _Holder(nn.Module):
+    """One linear layer under a name PEFT can target."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+
 def peft_layers(W, b, r):
-    """PEFT LoRA and AdaLoRA layers over a copy of the same frozen base (None each if peft is missing)."""
+    """PEFT LoRA and AdaLoRA layers over a copy of the same frozen base (None each if peft is missing).
+
+    Made through ``get_peft_model`` with every config field by keyword: the layer classes' constructors
+    changed between PEFT versions, the public entry point did not.
+    """
     try:
-        from peft import AdaLoraConfig, LoraConfig
-        from peft.tuners.adalora.layer import SVDLinear
-        from peft.tuners.lora import Linear as LoraLinear
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
     except ImportError:
         return {"PEFT LoRA": None, "PEFT AdaLoRA": None}
+    configs = {
+        "PEFT LoRA": LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=["base"]),
+        "PEFT AdaLoRA": AdaLoraConfig(init_r=r, target_r=r, lora_alpha=16, lora_dropout=0.0, total_step=1000,
+                                      target_modules=["base"]),
+    }
     layers = {}
-    for name in ("PEFT LoRA", "PEFT AdaLoRA"):
+    for name, config in configs.items():
         base = nn.Linear(W.shape[1], W.shape[0], device=DEVICE, dtype=W.dtype)
         with torch.no_grad():
             base.weight.copy_(W)
             base.bias.copy_(b)
-        base.requires_grad_(False)
-        if name == "PEFT LoRA":
-            layer = LoraLinear(base, "default", LoraConfig(r=r, lora_alpha=16), r=r, lora_alpha=16)
-        else:
-            layer = SVDLinear(base, "default", AdaLoraConfig(init_r=r, total_step=1000), r=r, lora_alpha=16)
-        layers[name] = layer.to(DEVICE, W.dtype)
+        model = get_peft_model(_Holder(base), config)
+        layers[name] = model.base_model.model.base.to(DEVICE, W.dtype)
     return layers
 
 
@@ -259,7 +278,7 @@ def time_adapter(n, d, r, dtype, autocast=None, contenders=ADAPTER_CONTENDERS, b
     def op_fb(op):
         def run():
             with amp():
-                y = op(x, W, b, P[:, :r], lam[:r], Q[:r], act[:r], 2.0, 0.0)
+                y = op(x, W, b, P, lam, Q, act, 2.0, 0.0, rank=r)
             torch.autograd.grad(y, (x, P, lam, Q), g)
         return run
 
@@ -375,6 +394,23 @@ class ScoreEmaTimings:
         plan = se.LaunchPlan(self.vi, self.vu)
         ms, h = timed(lambda: plan.update(self.params, self.grads, 0.85, 0.85))
         self.row(f"triton, prebuilt launch plan ({self.tag})", ms, h, target=">= 80% copy bw", met=self.ms_copy / ms >= 0.8)
+        self.cuda_kernel(ms)
+
+    def cuda_kernel(self, ms_triton):
+        """The CUDA C++ kernel on the same plan, beside the Triton one: the faster one should ship."""
+        if not ON_GPU:
+            return
+        if se.cuda_extension() is None:
+            self.row("CUDA C++ kernel (csrc/cuda)", None, note="not built (elalora_kernels._C_cuda missing)")
+            return
+        os.environ["ELALORA_SCORE_EMA"] = "cuda"
+        try:
+            cplan = se.LaunchPlan(self.vi, self.vu)
+            ms, h = timed(lambda: cplan.update(self.params, self.grads, 0.85, 0.85))
+        finally:
+            os.environ.pop("ELALORA_SCORE_EMA")
+        self.row("CUDA C++ kernel (csrc/cuda), prebuilt plan", ms, h, ratio=ms_triton / ms,
+                 note="ratio: triton ms / CUDA C++ ms (> 1: the CUDA C++ kernel is faster)")
 
     def variants(self):
         params, grads, vi, vu = self.params, self.grads, self.vi, self.vu
@@ -399,16 +435,6 @@ class ScoreEmaTimings:
             self.row("triton plan captured in a CUDA graph", ms, h)
         except Exception as e:  # noqa: BLE001 - a variant must not kill the run
             self.row("triton plan captured in a CUDA graph", None, note=f"failed: {type(e).__name__}: {e}"[:200])
-        if se.cuda_extension() is None:
-            self.row("CUDA C++ kernel (csrc/cuda)", None, note="not built (elalora_kernels._C_cuda missing)")
-            return
-        os.environ["ELALORA_SCORE_EMA"] = "cuda"
-        try:
-            cplan = se.LaunchPlan(vi, vu)
-            ms, h = timed(lambda: cplan.update(params, grads, 0.85, 0.85))
-        finally:
-            os.environ.pop("ELALORA_SCORE_EMA")
-        self.row("CUDA C++ kernel (csrc/cuda), prebuilt plan", ms, h)
 
     def compiled(self):
         params, grads, vi, vu = self.params, self.grads, self.vi, self.vu
@@ -614,9 +640,11 @@ def main():
         print(f"{name} ({elapsed:.0f} s)")
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - one failing task must not cost the others' numbers
-            STATUS["failed_tasks"].append(f"{name}: {type(e).__name__}: {e}"[:300])
+        except Exception as e:  # noqa: BLE001 - one failing task (a PEFT API change, an OOM, a compile error) must not cost the others' numbers
+            STATUS["failed_tasks"].append(f"{name}: {type(e).__name__}: {e}"[:1000])
             print(f"  FAILED: {type(e).__name__}: {e}")
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()  # after an OOM, the next task starts with the memory back
         save()
     STATUS["complete"] = True
     save()

@@ -117,10 +117,12 @@ def _last_to_arrive(counter_ptr, arrivals):
 
 
 @triton.jit
-def _store_rank_padded(ROWS: tl.constexpr, base_ptr, cs, c_mask, stride_c, stride_r, value, R_MAX, BLOCK_R: tl.constexpr):
+def _store_rank_padded(
+    ROWS: tl.constexpr, base_ptr, cs, c_mask, stride_c, stride_r, value, R_MAX, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+):
     """Stores ``value`` [ROWS, BLOCK_R] at slots [0, BLOCK_R) and zeros at slots [BLOCK_R, R_MAX) of a full-size gradient."""
     rr = tl.arange(0, BLOCK_R)
-    tl.store(base_ptr + cs[:, None] * stride_c + rr[None, :] * stride_r, value.to(base_ptr.dtype.element_ty),
+    tl.store(base_ptr + cs[:, None] * stride_c + rr[None, :] * stride_r, _cast(value, base_ptr.dtype.element_ty, UPCAST),
              mask=c_mask[:, None] & (rr < R_MAX)[None, :])
     zeros = tl.zeros([ROWS, BLOCK_R], dtype=base_ptr.dtype.element_ty)
     for r0 in range(BLOCK_R, R_MAX, BLOCK_R):
@@ -215,7 +217,7 @@ def _bwd_dx_kernel(
             for m in range(0, M_TILES):
                 dlam += tl.load(dlam_part_ptr + m * BLOCK_R + rr)
             zero = tl.zeros([1], dtype=tl.int32)
-            _store_rank_padded(1, dlam_ptr, zero, zero == 0, 0, stride_lam, (dlam * act)[None, :], R_MAX, BLOCK_R)
+            _store_rank_padded(1, dlam_ptr, zero, zero == 0, 0, stride_lam, (dlam * act)[None, :], R_MAX, BLOCK_R, UPCAST)
 
     if WRITE_DX:
         uc = _cast(u, compute, UPCAST)
@@ -278,7 +280,7 @@ def _tn_kernel(
         acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
         for s in range(0, SPLITS):
             acc += tl.load(part + s * tile)
-        _store_rank_padded(BLOCK_C, grad_ptr, cs, c_mask, stride_gc, stride_gr, acc, R_MAX, BLOCK_R)
+        _store_rank_padded(BLOCK_C, grad_ptr, cs, c_mask, stride_gc, stride_gr, acc, R_MAX, BLOCK_R, UPCAST)
 
 
 # --------------------------------------------------------------------------- launch helpers
@@ -352,7 +354,8 @@ def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: f
     n, k = xa.shape
     out = P.shape[0]
     br = rank_block(r)
-    bm, bk, bn, warps, stages = _blocks_rows(n, br, xa.element_size(), shared_memory(xa.device))
+    elem = max(xa.element_size(), P.element_size())  # float32 P and Q (autocast) stage wider tiles
+    bm, bk, bn, warps, stages = _blocks_rows(n, br, elem, shared_memory(xa.device))
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(out, bn), xa.device)
     xq = _common.empty((n, r), torch.float32, xa.device) if store_xq else y
@@ -404,7 +407,8 @@ def _bwd_dx(g, P, Q, lam, active, xq, scale, dx: Tensor | None, accum: bool) -> 
     k = Q.shape[1]
     r = xq.shape[1]
     br = rank_block(r)
-    bm, bk, bn, warps, stages = _blocks_rows(n, br, g.element_size(), shared_memory(g.device))
+    elem = max(g.element_size(), P.element_size())
+    bm, bk, bn, warps, stages = _blocks_rows(n, br, elem, shared_memory(g.device))
     m_tiles = triton.cdiv(n, bm)
     split, per = _split(m_tiles, triton.cdiv(k, bk), g.device) if dx is not None else (1, 0)
     u = _common.empty((n, r), torch.float32, g.device)

@@ -41,20 +41,23 @@ RANK_BLOCKS = [16 << k for k in range((MAX_R_MAX // 16).bit_length())]  # 16, 32
 ROW_COUNTS = (1, 8192)  # N <= 16 and large N: the row tile is the only thing N changes
 
 
-def signatures(p: str) -> dict:
+def signatures(p: str, w: str) -> dict:
+    """Kernel signatures with compute-dtype pointers ``p`` and parameter (P, λ, Q) pointers ``w``."""
     return {
-        "fwd": {"x_ptr": p, "q_ptr": p, "lam_ptr": p, "act_ptr": "*i1", "p_ptr": p, "y_ptr": p, "xq_ptr": "*fp32",
+        "fwd": {"x_ptr": p, "q_ptr": w, "lam_ptr": w, "act_ptr": "*i1", "p_ptr": w, "y_ptr": p, "xq_ptr": "*fp32",
                 "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "stride_xn": "i32", "stride_qr": "i32",
                 "stride_qk": "i32", "stride_lam": "i32", "stride_act": "i32", "stride_po": "i32", "stride_pr": "i32",
                 "stride_yn": "i32", "scale": "fp32", "TILES_PER_PROG": "i32"},
-        "bwd dx": {"g_ptr": p, "p_ptr": p, "q_ptr": p, "lam_ptr": p, "act_ptr": "*i1", "xq_ptr": "*fp32",
-                   "u_ptr": "*fp32", "dlam_ptr": "*fp32", "dx_ptr": p, "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32",
+        "bwd dx": {"g_ptr": p, "p_ptr": w, "q_ptr": w, "lam_ptr": w, "act_ptr": "*i1", "xq_ptr": "*fp32",
+                   "u_ptr": "*fp32", "dlam_part_ptr": "*fp32", "counter_ptr": "*i32", "dlam_ptr": w, "dx_ptr": p,
+                   "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "R_MAX": "i32", "M_TILES": "i32",
                    "stride_gn": "i32", "stride_po": "i32", "stride_pr": "i32", "stride_qr": "i32", "stride_qk": "i32",
                    "stride_lam": "i32", "stride_act": "i32", "stride_dxn": "i32", "scale": "fp32",
                    "TILES_PER_PROG": "i32"},
-        "tn": {"a_ptr": p, "b_ptr": "*fp32", "lam_ptr": p, "act_ptr": "*i1", "out_ptr": "*fp32", "N": "i32", "C": "i32",
-               "R": "i32", "stride_an": "i32", "stride_lam": "i32", "stride_act": "i32", "stride_os": "i32",
-               "stride_oc": "i32", "stride_or": "i32", "scale": "fp32", "ROWS_PER_SPLIT": "i32"},
+        "tn": {"a_ptr": p, "b_ptr": "*fp32", "lam_ptr": w, "act_ptr": "*i1", "part_ptr": "*fp32", "counter_ptr": "*i32",
+               "grad_ptr": w, "N": "i32", "C": "i32", "R": "i32", "R_MAX": "i32", "stride_an": "i32",
+               "stride_lam": "i32", "stride_act": "i32", "stride_gc": "i32", "stride_gr": "i32", "scale": "fp32",
+               "ROWS_PER_SPLIT": "i32", "SPLITS": "i32"},
     }
 
 
@@ -63,25 +66,26 @@ def jobs():
     out = set()
     for (major, minor), shared in SHARED_MEMORY.items():
         arch = 10 * major + minor
-        for dt in ("fp32", "fp16", "bf16") if arch >= 80 else ("fp32", "fp16"):
-            sig = signatures("*" + dt)
+        # "bf16+fp32": bf16 compute on float32 parameters (autocast), cast inside the kernels
+        for dt in ("fp32", "fp16", "bf16", "fp16+fp32", "bf16+fp32") if arch >= 80 else ("fp32", "fp16", "fp16+fp32"):
+            compute, params = dt.split("+") if "+" in dt else (dt, dt)
             ieee = dt == "fp32"
             common = (("IEEE", ieee), ("UPCAST", False))
             for br in RANK_BLOCKS:
                 for n in ROW_COUNTS:
-                    bm, bk, bn, warps, stages = al._blocks_rows(n, br, ELEM[dt], shared)
+                    bm, bk, bn, warps, stages = al._blocks_rows(n, br, max(ELEM[compute], ELEM[params]), shared)
                     tiles = (("BLOCK_M", bm), ("BLOCK_K", bk), ("BLOCK_N", bn), ("BLOCK_R", br))
                     opts = (("num_warps", warps), ("num_stages", stages))
                     out.add((arch, f"adapter fwd {dt} BLOCK_R={br} BLOCK_M={bm}", "fwd", dt,
                              tiles + common + (("STORE_XQ", True), ("ACCUM", True)), opts, ("x_ptr", "y_ptr", "xq_ptr")))
                     out.add((arch, f"adapter bwd dx {dt} BLOCK_R={br} BLOCK_M={bm}", "bwd dx", dt,
                              tiles + common + (("WRITE_DX", True), ("ACCUM", True)), opts, ("g_ptr", "dx_ptr")))
-                bc, bnn, warps, stages = al._blocks_tn(br, ELEM[dt], shared)
+                bc, bnn, warps, stages = al._blocks_tn(br, ELEM[compute], shared)
                 for scale_b in (True, False):
                     out.add((arch, f"adapter tn {dt} BLOCK_R={br} SCALE_B={scale_b}", "tn", dt,
                              (("BLOCK_C", bc), ("BLOCK_N", bnn), ("BLOCK_R", br)) + common + (("SCALE_B", scale_b),),
-                             (("num_warps", warps), ("num_stages", stages)), ("a_ptr", "b_ptr", "out_ptr")))
-            for aligned in (True, False):
+                             (("num_warps", warps), ("num_stages", stages)), ("a_ptr", "b_ptr", "part_ptr")))
+            for aligned in (True, False) if compute == params else ():
                 out.add((arch, f"score_ema {dt} aligned={aligned}", "score_ema", dt,
                          (("W_DTYPE", dt), ("G_DTYPE", dt), ("BLOCK", se.BLOCK), ("ALIGNED", aligned)),
                          (("num_warps", 8),), ("ptrs", "numels", "blocks", "count")))
@@ -105,7 +109,8 @@ TY = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 def compile_one(job) -> tuple[int, str, bool, str]:
     """(arch, name, ok, what was found)."""
     arch, name, kind, dt, constexprs, options, ptr_args = job
-    sig = dict(OTHER_SIGNATURES.get(kind) or signatures("*" + dt)[kind])
+    compute, params = dt.split("+") if "+" in dt else (dt, dt)
+    sig = dict(OTHER_SIGNATURES.get(kind) or signatures("*" + compute, "*" + params)[kind])
     constexprs = {k: TY[v] if k.endswith("_DTYPE") else v for k, v in constexprs}
     for k in constexprs:
         sig[k] = "constexpr"
@@ -127,7 +132,7 @@ def compile_one(job) -> tuple[int, str, bool, str]:
     elif kind != "rank_scores":
         if dt == "fp32" and ".tf32" in ptx:
             problems.append("TF32 in an fp32 kernel")
-        if dt != "fp32" and arch >= 80 and not re.search(r"\b(wgmma|mma)\.", ptx):  # sm_75: Triton's dots use FMA
+        if compute != "fp32" and arch >= 80 and not re.search(r"\b(wgmma|mma)\.", ptx):  # sm_75: Triton's dots use FMA
             problems.append("no tensor-core MMA")
     return arch, name, not problems, f"shared memory {shared} of {limit} bytes" + "".join(f"; {p}" for p in problems)
 
