@@ -141,7 +141,7 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     key = (device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing(device):
             raise RuntimeError(
                 "elalora: the adapter kernels' counters must exist before CUDA graph capture: "
                 "run one training step eagerly on this stream first"
@@ -149,3 +149,9 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is being captured into a CUDA graph (nothing may be
+    allocated for the first time or uploaded from the host then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

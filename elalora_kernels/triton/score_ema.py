@@ -247,7 +247,10 @@ class LaunchPlan:
     exactly while every parameter keeps the gradient tensor the table points
     at: gradients kept with ``zero_grad(set_to_none=False)``, or the backward
     captured in the same graph (its memory pool gives every replay the same
-    addresses). :meth:`current` says whether that holds now.
+    addresses). :meth:`current` says whether that holds now. A step captured while
+    it does not hold (or before the first eager step) is refused with an error:
+    its upload would be captured as a copy from pinned host memory, which the
+    replays would read long after that memory was reused.
     """
 
     def __init__(self, ema_ipt: Sequence[Tensor], ema_unc: Sequence[Tensor], launcher=None) -> None:
@@ -274,6 +277,8 @@ class LaunchPlan:
 
     def update(self, weights: Sequence[Tensor], grads: Sequence[Tensor] | None, beta1: float, beta2: float) -> None:
         """One step; ``grads=None`` reads each weight's ``.grad`` (the weights of the first step)."""
+        if _common.capturing(self.device):
+            self._check_capturable(grads)
         if not self._planned:
             self._plan_rows(weights)
         status = -1
@@ -289,6 +294,16 @@ class LaunchPlan:
             _common.run_or_fall_back(
                 ("score_ema", plan.w_torch_dtype), lambda: self.launcher(plan, self.count, beta1, beta2),
                 lambda: _update_torch(self._quads(weights, grads, plan.rows), self.count, beta1, beta2),
+            )
+
+    def _check_capturable(self, grads) -> None:
+        """Under CUDA graph capture the table must already be on the device and point at the present gradients."""
+        if not self._planned or (self._table is not None and (grads is not None or not self._table.current())):
+            raise RuntimeError(
+                "elalora: an allocator step is being captured in a CUDA graph, but the score+EMA pointer table does "
+                "not point at the present gradients (or was never built), and uploading it inside a capture would "
+                "replay stale addresses. Run one step eagerly first with the gradient tensors the graph will use: "
+                "keep them with zero_grad(set_to_none=False), or capture the backward in the same graph."
             )
 
     def _quads(self, weights, grads, rows):

@@ -188,6 +188,31 @@ def test_cuda_graph_replay_is_safe_exactly_while_the_gradients_stay(device):
 
 
 @use_backend("triton")
+def test_a_capture_that_would_upload_the_table_is_refused(device, monkeypatch):
+    """Under CUDA graph capture (simulated here) a step whose table is missing or stale raises, naming the
+    fix, and changes nothing; a step whose table points at the present gradients runs (no upload)."""
+    from elalora_kernels.triton import _common
+
+    alloc = _many_layer_allocator(3)
+    monkeypatch.setattr(_common, "capturing", lambda device: True)
+    before = alloc.ema_ipt.clone()
+    with pytest.raises(RuntimeError, match="Run one step eagerly first"):
+        alloc.score_plan.update(alloc.params)  # never built: its first upload would be captured
+    assert torch.equal(alloc.ema_ipt, before)
+    monkeypatch.setattr(_common, "capturing", lambda device: False)
+    alloc.score_plan.update(alloc.params)  # eager: builds and uploads the table
+    monkeypatch.setattr(_common, "capturing", lambda device: True)
+    uploads = alloc.score_plan.rebuilds
+    alloc.score_plan.update(alloc.params)  # same gradients: captured with no upload
+    assert alloc.score_plan.rebuilds == uploads
+    _new_grads(alloc)  # a backward re-allocated the gradients: the table is stale
+    after_eager = alloc.ema_ipt.clone()
+    with pytest.raises(RuntimeError, match="does not point at the present gradients"):
+        alloc.score_plan.update(alloc.params)
+    assert torch.equal(alloc.ema_ipt, after_eager) and alloc.score_plan.rebuilds == uploads
+
+
+@use_backend("triton")
 def test_the_python_table_stands_in_without_the_extension(device, monkeypatch):
     """Without the C++ extension the pointer table is kept in Python: same EMAs, same re-pointing."""
     import importlib
