@@ -78,8 +78,9 @@ import torch.nn as nn
 
 from ._files import write_json_atomic
 from .allocator import RankAllocator
-from .allocator_files import has_allocator_state, load_allocator_state
+from .allocator_files import has_allocator_state
 from .config import ElaLoRAConfig
+from .io import load_adapter
 from .model import adapter_layers, keep_inputs_differentiable
 from .pretrained import save_pretrained
 
@@ -180,10 +181,12 @@ class ElaLoRACallback(TrainerCallback):
             ) from None
         self._initial = {n: layer.active_rank for n, layer in adapter_layers(model)}
         self.allocator = RankAllocator(model, self.config, optimizer=unwrap_optimizer(optimizer), total_steps=total)
-        if state.global_step > 0:  # resuming: the allocator state lives beside the checkpoint
+        if state.global_step > 0:  # resuming: the adapters and the allocator state live beside the checkpoint
             ckpt = self._resumed_checkpoint(args, state)
-            if has_allocator_state(ckpt):
-                load_allocator_state(self.allocator, ckpt)
+            # The Trainer's weights file leaves the adapters out (see elalora.pretrained.save_through_transformers)
+            with_state = has_allocator_state(ckpt)
+            load_adapter(model, ckpt, allocator=self.allocator if with_state else None)
+            if with_state:
                 logger.info("elalora: resumed allocator state from %s (step %d)", ckpt, self.allocator.t)
             else:
                 warnings.warn(

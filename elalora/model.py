@@ -136,7 +136,9 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
     ``task_type`` adds). All checks run before the model is changed. Returns
     ``model`` (``adapted_names(model)`` lists what was adapted). Adapter
     initialisation draws from a generator seeded with ``config.seed``. The
-    config is kept as ``model.elalora_config`` for ``save_pretrained``.
+    config is kept as ``model.elalora_config`` for ``save_pretrained``; a
+    transformers model's own ``save_pretrained`` then writes the adapter files
+    too (``elalora.pretrained.save_through_transformers``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects an nn.Module as model, got {type(model).__name__}")
@@ -183,6 +185,10 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
         # (transformers.trainer_utils.validate_quantization_for_training); PEFT's load_adapter sets it too.
         model._hf_peft_config_loaded = True
     setattr(model, CONFIG_ATTR, config)
+    if hasattr(model, "save_pretrained"):  # a transformers model: its own save must write the adapters too
+        from .pretrained import save_through_transformers  # (pretrained imports this module)
+
+        save_through_transformers(model)
     return model
 
 
@@ -295,6 +301,7 @@ def merge_and_unload(model: nn.Module, *, quantized_base: str | None = None) -> 
     model.__dict__.pop("_hf_peft_config_loaded", None)  # set by inject: the model carries no adapters now
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    model.__dict__.pop("save_pretrained", None)  # inject's: the merged model saves as a plain one
     return model
 
 

@@ -4,6 +4,10 @@
     model = elalora.from_pretrained(name, "my-adapter")     # same logits as `model` had; frozen, for inference
     model = elalora.from_pretrained(base, "my-adapter", is_trainable=True)   # to train on
 
+An injected transformers model's own ``model.save_pretrained(dir)`` (and so
+``push_to_hub``) writes transformers' full save and these files beside it, as
+a Trainer checkpoint holds them (``SavesAdaptersToo``).
+
 The directory is the ``save_adapter`` layout (see ``elalora.io``): a PEFT LoRA
 adapter that transformers and PEFT load by themselves, and elalora's exact
 state (every slot, the ``modules_to_save`` weights such as a trained head, the
@@ -19,10 +23,11 @@ from typing import Union
 
 import torch.nn as nn
 
+from . import fsdp
 from .architectures import model_type
 from .export import base_model_name
-from .io import AdapterLoadError, load_adapter, read_adapter_config, save_adapter
-from .model import CONFIG_ATTR, adapter_layers
+from .io import SLOT_TENSORS, AdapterLoadError, load_adapter, read_adapter_config, save_adapter
+from .model import CONFIG_ATTR, adapter_layers, without_adapter_flag
 
 
 def base_model_info(model: nn.Module) -> dict:
@@ -104,3 +109,47 @@ def _load_base(name_or_path, class_name, directory) -> nn.Module:
             "class; load the base model yourself and pass it"
         )
     return cls.from_pretrained(str(name_or_path))
+
+
+def save_through_transformers(model: nn.Module) -> None:
+    """Make a transformers model's own ``save_pretrained`` (and so ``push_to_hub`` and the Trainer's
+    checkpoints) write the adapter files beside its full save, and leave the adapters' tensors out of its
+    weights file (called by ``inject``).
+
+    Transformers alone then loads such a folder as the trained model, with nothing unexpected to report:
+    the base and the head from its weights file, the adapters from the PEFT files beside it. The Trainer,
+    resuming from such a checkpoint, finds exactly the keys it was told to leave out missing, and
+    ``ElaLoRACallback`` loads the adapters from elalora's files.
+    """
+    adapter_keys = {f"{name}.{key}" for name, _ in adapter_layers(model) for key in (*SLOT_TENSORS, "active")}
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | adapter_keys
+    model.save_pretrained = SavesAdaptersToo(model)
+
+
+class SavesAdaptersToo:
+    """An injected transformers model's ``save_pretrained``: transformers' own save, then the adapter files
+    of ``elalora.save_pretrained`` (without the allocator state: the Trainer callback adds it).
+
+    The saver is an attribute of the model that holds the model as data, not a closure over it:
+    ``copy.deepcopy`` and ``pickle`` give a copy a saver of that copy.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self.model
+        if kwargs.get("push_to_hub"):
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) of an ElaLoRA model would upload before the adapter files are "
+                "written; call model.push_to_hub(repo_id) instead"
+            )
+        if any(fsdp.is_sharded(layer.lora_P) for _, layer in adapter_layers(model)):
+            raise RuntimeError(
+                "save_pretrained: the adapters are sharded (FSDP2); call elalora.save_pretrained(model, dir) on "
+                "every process"
+            )
+        with without_adapter_flag(model):  # a quantized model's flag for the Trainer (inject)
+            type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_pretrained(model, save_directory)
