@@ -1,6 +1,7 @@
 """Whole-model operations: choose and inject adapters, find them, merge them, count parameters."""
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -183,6 +184,7 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
     if getattr(model, "is_quantized", False):
         # transformers.Trainer refuses a quantized model unless it carries adapters, which this flag says
         # (transformers.trainer_utils.validate_quantization_for_training); PEFT's load_adapter sets it too.
+        # transformers' own save_pretrained reads it too: run that under ``without_adapter_flag``.
         model._hf_peft_config_loaded = True
     setattr(model, CONFIG_ATTR, config)
     if hasattr(model, "save_pretrained"):  # a transformers model: its own save must write the adapters too
@@ -190,6 +192,21 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
 
         save_through_transformers(model)
     return model
+
+
+@contextlib.contextmanager
+def without_adapter_flag(model: nn.Module):
+    """transformers' own ``save_pretrained`` of an adapted quantized model, with inject's adapter flag off.
+
+    With the flag on, transformers takes the model for one its PEFT integration loaded and saves through a
+    PEFT config the model does not have; with it off it writes its full (quantized) save, as for a float model.
+    """
+    flag = model.__dict__.pop("_hf_peft_config_loaded", None)
+    try:
+        yield model
+    finally:
+        if flag is not None:
+            model._hf_peft_config_loaded = flag
 
 
 def keep_inputs_differentiable(model: nn.Module) -> None:
