@@ -7,6 +7,7 @@
 """
 from .allocator import RankAllocator, RoundRecord, StepInfo
 from .config import ElaLoRAConfig
+from .disable import disable_adapters
 from .export import export_peft_lora
 from .io import AdapterLoadError, load_adapter, save_adapter
 from .layer import ElaLoRALinear, NoAllocatorWarning
@@ -24,6 +25,7 @@ __all__ = [
     "save_pretrained",
     "ElaLoRAConfig",
     "ElaLoRALinear",
+    "disable_adapters",
     "RankAllocator",
     "RoundPlan",
     "RoundRecord",

@@ -37,7 +37,8 @@ What the callback does, and where:
   clipping, DDP). When the Trainer normalises the loss over the whole
   accumulated batch itself (the model received ``num_items_in_batch``), the
   hook adds ``penalty / gradient_accumulation_steps`` per micro-batch so that
-  one optimizer step still sees the penalty once. The logged training loss
+  one optimizer step still sees the penalty once. Inside
+  ``elalora.disable_adapters`` (a reference pass) no penalty is added. The logged training loss
   includes the penalty. If the loss is computed outside the model (a
   ``compute_loss_func``, label smoothing), the hook sees no loss and warns once;
   add ``callback.allocator.orth_penalty()`` to your loss yourself, or pass
@@ -80,6 +81,7 @@ from ._files import write_json_atomic
 from .allocator import RankAllocator
 from .allocator_files import has_allocator_state
 from .config import ElaLoRAConfig
+from .disable import adapters_disabled
 from .io import load_adapter
 from .model import adapter_layers, keep_inputs_differentiable
 from .pretrained import save_pretrained
@@ -302,7 +304,7 @@ class ElaLoRACallback(TrainerCallback):
 
     # --------------------------------------------------------- the penalty
     def _add_penalty(self, module, args, kwargs, output):
-        if not module.training or self.allocator is None:
+        if not module.training or self.allocator is None or adapters_disabled(self.allocator.layers):
             return None
         loss = _get_loss(output)
         if loss is None:

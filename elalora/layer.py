@@ -67,6 +67,7 @@ class ElaLoRALinear(nn.Module):
     """
 
     fan_in_fan_out = False  # True when ``weight`` is stored [in, out], as in transformers' Conv1D
+    adapter_enabled = True  # False inside ``elalora.disable_adapters``: the layer computes its base alone
     quantization = None  # "nf4" / "fp4" / "int8" when the base is a bitsandbytes layer held as ``base_layer``
 
     def __init__(
@@ -208,6 +209,8 @@ class ElaLoRALinear(nn.Module):
     # -------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if not self.adapter_enabled:  # a Python attribute: torch.compile guards on it (one graph per state)
+            return self.base_layer(x) if self.quantization is not None else F.linear(x, self.base_weight, self.bias)
         if self.merged:
             return F.linear(x, self.base_weight, self.bias)
         # Under torch.compile use every slot with the mask, so that a change of
