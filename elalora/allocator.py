@@ -179,10 +179,11 @@ class RankAllocator:
                 self._nonfinite_seen += nonfinite
                 _warn_nonfinite(nonfinite, f"at step {t}")
             if is_round_step(t, self.config):
-                if nonfinite is None:
-                    _warn_nonfinite(info.nonfinite, f"since the last read (up to step {t})")
-                info.round = self._round(t, budget(t, self.config))
+                info.round, counted = self._round(t, budget(t, self.config))
                 self.history.append(info.round)
+                if nonfinite is None:  # the device count came to the host with the round's scores
+                    info._nonfinite = counted
+                    _warn_nonfinite(counted, f"since the last read (up to step {t})")
         self.t = t + 1
         return info
 
@@ -210,13 +211,15 @@ class RankAllocator:
         return elalora_kernels.rank_scores(ipt, unc)
 
     @torch.no_grad()
-    def _round(self, t: int, b: int) -> RoundRecord:
+    def _round(self, t: int, b: int) -> tuple[RoundRecord, int]:
+        """One round; also returns the non-finite count the device held (read in the same transfer)."""
         if any(p is not q for p, q in zip(self.params, (q for layer in self.layers for q in _slot_params(layer)))):
             raise RuntimeError(
                 "RankAllocator: the model's adapter parameters were replaced after the allocator was built "
                 "(fully_shard does that): build the optimizer and the allocator after fully_shard"
             )
-        table = self.rank_scores().tolist()  # the round's one host sync
+        table, counted = _scores_and_count_to_host(self.rank_scores(), self.score_plan.take_nonfinite())
+        self._nonfinite_seen += counted
         ranks = [layer.active_rank for layer in self.layers]
         plan = plan_round(table, ranks, self.r_max, self.config.k, b)
         record = RoundRecord(step=t, budget=b)
@@ -242,7 +245,7 @@ class RankAllocator:
         if record.passed_over:
             logger.info("round at step %d passed over full layers %s", t, record.passed_over)
         logger.debug("round at step %d moved %d ranks: -%s +%s", t, record.moved, record.pruned, record.expanded)
-        return record
+        return record, counted
 
     def _slot_tensors(self, m: int) -> list[tuple[Tensor, int]]:
         """Every tensor holding per-slot data of layer m, with its slot dimension: the
@@ -369,6 +372,16 @@ def _warn_nonfinite(count: int, when: str) -> None:
         )
 
 
+def _scores_and_count_to_host(scores: Tensor, count: Optional[Tensor]) -> tuple[list[list[float]], int]:
+    """The round's one host sync: the score table and the device's non-finite count in one transfer
+    (float64 holds both exactly)."""
+    if count is None:
+        return scores.tolist(), 0
+    both = torch.cat([scores.reshape(-1).double(), count.double()]).tolist()
+    width = scores.shape[1]
+    return [both[m * width:(m + 1) * width] for m in range(scores.shape[0])], int(both[-1])
+
+
 def _slot_params(layer: ElaLoRALinear) -> tuple[Tensor, Tensor, Tensor]:
     return layer.lora_P, layer.lora_lam, layer.lora_Q
 
@@ -386,8 +399,8 @@ def _init_slot(tensors: list[tuple[Tensor, int]], slot: int, generator: torch.Ge
     p = _orthogonal_unit(P[:, :slot].t(), generator)
     Q[slot] = q.to(Q.dtype)
     P[:, slot] = p.to(P.dtype)
-    smallest = float(lam[:slot].abs().min()) if slot > 0 else 0.0
-    lam[slot] = min(smallest, 1e-13)
+    if slot > 0:  # min(smallest |λ|, 1e-13), computed where λ is: no host sync (slot 0 stays 0)
+        lam[slot] = lam[:slot].abs().min().clamp(max=1e-13)
 
 
 EMA_ALIGN = 4  # elements: every view starts on a 16-byte boundary, so GPU kernels can use vector loads
@@ -435,21 +448,23 @@ def _one_thread():
 def _orthogonal_unit(rows: Tensor, generator: torch.Generator) -> Tensor:
     """A unit vector orthogonal to every row of ``rows`` [k, d] (docs/ALGORITHM.md §4.6, exact removal).
 
-    Drawn in float64 on the CPU from ``generator``, so decisions and values do
-    not depend on the device. The span is removed twice against an orthonormal
-    QR basis (the authors' single projection is exact only for orthonormal
-    rows). When the rows already span the space (k ≥ d) no orthogonal
-    direction exists and the random unit vector is used as drawn.
+    Drawn in float64 on the CPU from ``generator``, so the draw does not depend
+    on the device. The span is removed twice against an orthonormal QR basis
+    (the authors' single projection is exact only for orthonormal rows), in
+    float64 where the rows are on a CUDA device (on the CPU elsewhere: MPS has
+    no float64), with no host sync: a round reads the device once. When the
+    rows already span the space (k ≥ d) no orthogonal direction exists and the
+    random unit vector is used as drawn.
     """
     d = rows.shape[1]
-    v = torch.randn(d, generator=generator, dtype=torch.float64)
+    work = rows.device if rows.device.type == "cuda" else torch.device("cpu")
+    v = torch.randn(d, generator=generator, dtype=torch.float64).to(work, non_blocking=True)
     if rows.shape[0] > 0:
-        basis, _ = torch.linalg.qr(rows.detach().to("cpu", torch.float64).t())
+        basis, _ = torch.linalg.qr(rows.detach().to(work, torch.float64).t())
         w = v
         for _ in range(2):
             w = w - basis @ (basis.t() @ w)
-        if w.norm() > 1e-6 * math.sqrt(d):
-            v = w
+        v = torch.where(w.norm() > 1e-6 * math.sqrt(d), w, v)  # chosen on the device: no sync
     return (v / v.norm()).to(rows.device)
 
 

@@ -51,6 +51,17 @@ class ScoreEmaPlan:
         """Non-finite elements counted on the device since the last read (one sync), 0 if none is pending."""
         return sum(plan.read_count() for plan in self._device_plans())
 
+    def take_nonfinite(self) -> Optional[Tensor]:
+        """The device count since the last read as an int64 tensor, reset, with no sync (a round brings it to the
+        host with its scores in one transfer); None where nothing counts on the device."""
+        counts = [plan.count for plan in self._device_plans()]
+        if not counts:
+            return None
+        total = torch.stack(counts).sum(dtype=torch.int64).reshape(1)
+        for count in counts:
+            count.zero_()
+        return total
+
     @property
     def rebuilds(self) -> int:
         """How many times a device pointer table was written (tests, benchmarks)."""

@@ -109,6 +109,38 @@ def test_nonfinite_count_waits_on_the_device_until_read(device):
     assert alloc.nonfinite_total() == 12  # every element counted, each read counted once
 
 
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a device value on the host (``.item()``, ``float()``, ``int()`` of a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@use_backend("triton")
+def test_a_round_reads_the_device_once(device, monkeypatch):
+    """A round brings its scores and the device's non-finite count to the host in one transfer; pruning and
+    the new ranks' initialisation read nothing back (before: 1 + 3 reads per new rank, plus the count)."""
+    transfers = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: transfers.append(t.shape) or real_tolist(t))
+    alloc = _allocator(device)
+    while alloc.t < 5:
+        _set_grads(alloc, alloc.t)
+        alloc.step()
+    _set_grads(alloc, 5, bad=True)
+    transfers.clear()
+    with _HostReads() as host, pytest.warns(RuntimeWarning, match="3 adapter gradient elements"):
+        info = alloc.step()  # t = 5: the first round
+    assert info.round is not None and info.round.moved > 0  # new ranks were initialised
+    assert host.reads == 0 and len(transfers) == 1, (host.reads, transfers)
+    assert info.nonfinite == 3 and alloc.nonfinite_total() == 3
+
+
 def _many_layer_allocator(layers):
     """An allocator over ``layers`` tiny layers (3 tensors each), its launch stubbed, grads set."""
     from elalora import ElaLoRAConfig, ElaLoRALinear
