@@ -351,7 +351,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     trains = any(p.requires_grad for l in layers for p in (l.lora_P, l.lora_lam, l.lora_Q))
     return {
         "trainable": (active if trains else 0) + sum(p.numel() for p in others if p.requires_grad),
-        "total": active + sum(p.numel() for p in others),
+        "total": active + sum(quantized.parameter_count(p) for p in others),
         "adapter_active": active,
         "spare": capacity - active,
     }

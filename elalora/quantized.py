@@ -66,6 +66,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def parameter_count(p: Tensor) -> int:
+    """How many weights ``p`` holds: a packed 4-bit weight stores two in each byte of its storage."""
+    bnb_nn = _bnb_nn()
+    if bnb_nn is not None and isinstance(p, bnb_nn.Params4bit):
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
 def compute_dtype(base: nn.Module, x: Tensor) -> torch.dtype:
     """The dtype bitsandbytes computes ``base(x)`` in: a Linear4bit's set compute dtype, else the input's."""
     dtype = getattr(base, "compute_dtype", None)

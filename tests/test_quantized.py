@@ -229,3 +229,11 @@ def test_elalora_works_without_bitsandbytes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 'pip install "elalora[bnb]"' in out.stdout
+
+
+def test_parameter_counts_count_the_weights_a_4bit_layer_packs():
+    model = _HandBuilt("nf4")
+    elalora.inject(model, ElaLoRAConfig(r=2, target_modules=["up", "down"]))
+    counts = elalora.model.parameter_counts(model)
+    weights = 2 * 16 * 48 + 48 + 16 + 16 * 2 + 2  # the two quantized weights and biases, the float head
+    assert counts["total"] == weights + counts["adapter_active"]
