@@ -1,6 +1,6 @@
 """GPU check of the Triton (and CUDA C++) kernels — one script, ready for any CUDA GPU.
 
-    python benchmarks/gpu.py                  # CUDA: timings + checks, table + JSON (make gpu-check; target < 8 min on an H200)
+    python benchmarks/gpu.py                  # CUDA: timings + checks, table + JSON (run by make gpu-check PY=python3)
     python benchmarks/gpu.py --smoke          # anywhere: tiny shapes under TRITON_INTERPRET=1 on CPU (CI)
     python benchmarks/gpu.py --host-only      # host time per allocator.step() (stub launcher; CPU or GPU)
 
@@ -12,7 +12,8 @@ left when the time is up are listed as skipped. In order:
 1. adapter forward+backward at the headline shape (N = 8192, d = 4096, r = 16,
    bf16) against the frozen base linear alone and a PEFT LoRA layer;
 2. score+EMA over a 7B-class adapter set (32 layers x 7 projections, r_max 32)
-   with the allocator's launch plan, against a device copy of the same bytes;
+   with the allocator's launch plan, against a device copy of the same bytes, the
+   Triton kernel beside the CUDA C++ one (when built: the faster one should ship);
 3. host time per ``RankAllocator.step()`` on the same set, the launch replaced
    by a stub (target <= 100 µs): steady addresses, every gradient re-allocated
    every step, and the step right after a round;
@@ -21,8 +22,8 @@ left when the time is up are listed as skipped. In order:
    bit-identical on the production layout);
 5. the other adapter cases (r in {8, 64, 128}, fp32 weights under bf16 autocast)
    and baselines (PEFT AdaLoRA, the eager reference);
-6. the other score+EMA variants (CUDA graph, CUDA C++ kernel, eager per-tensor
-   loop, ``torch._foreach_*``) and the rank scores;
+6. the other score+EMA variants (CUDA graph, eager per-tensor loop,
+   ``torch._foreach_*``) and the rank scores;
 7. the cold ``torch.compile`` baseline, last: its compilation alone may take minutes.
 
 Device time comes from CUDA events around many back-to-back calls (the median

@@ -106,7 +106,8 @@ def _last_to_arrive(counter_ptr, arrivals):
     """True in the last of ``arrivals`` programs that call this on one counter (which it then resets to 0).
 
     Every program stored its partial before: the barrier orders its threads' stores
-    before the atomic, whose acquire-release makes them visible to the last program.
+    before the atomic, whose acquire-release makes them visible to the last program,
+    which reads the partials through L2 (``.cg``), never a stale L1 line.
     """
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
@@ -215,7 +216,7 @@ def _bwd_dx_kernel(
         if _last_to_arrive(counter_ptr, M_TILES):  # dλ = active ⊙ Σ over row tiles, in a fixed order
             dlam = tl.zeros([BLOCK_R], dtype=tl.float32)
             for m in range(0, M_TILES):
-                dlam += tl.load(dlam_part_ptr + m * BLOCK_R + rr)
+                dlam += tl.load(dlam_part_ptr + m * BLOCK_R + rr, cache_modifier=".cg")
             zero = tl.zeros([1], dtype=tl.int32)
             _store_rank_padded(1, dlam_ptr, zero, zero == 0, 0, stride_lam, (dlam * act)[None, :], R_MAX, BLOCK_R, UPCAST)
 
@@ -279,7 +280,7 @@ def _tn_kernel(
     if _last_to_arrive(counter_ptr + pid_c, SPLITS):
         acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
         for s in range(0, SPLITS):
-            acc += tl.load(part + s * tile)
+            acc += tl.load(part + s * tile, cache_modifier=".cg")
         _store_rank_padded(BLOCK_C, grad_ptr, cs, c_mask, stride_gc, stride_gr, acc, R_MAX, BLOCK_R, UPCAST)
 
 
