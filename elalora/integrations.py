@@ -37,7 +37,10 @@ What the callback does, and where:
   clipping, DDP). When the Trainer normalises the loss over the whole
   accumulated batch itself (the model received ``num_items_in_batch``), the
   hook adds ``penalty / gradient_accumulation_steps`` per micro-batch so that
-  one optimizer step still sees the penalty once. Inside
+  one optimizer step still sees the penalty once; with
+  ``average_tokens_across_devices`` the Trainer also multiplies that loss by
+  the number of processes (DDP then averages), so the hook divides by it too:
+  a DDP run equals one process with the same global batch. Inside
   ``elalora.disable_adapters`` (a reference pass) no penalty is added. The logged training loss
   includes the penalty. If the loss is computed outside the model (a
   ``compute_loss_func``, label smoothing), the hook sees no loss and warns once;
@@ -129,6 +132,7 @@ class ElaLoRACallback(TrainerCallback):
         self.record: Optional[dict] = None
         self._hook = None
         self._ga_steps = 1
+        self._loss_scale = 1  # how many times the Trainer multiplies a loss normalised over the accumulated batch
         self._last_penalty: Optional[torch.Tensor] = None
         self._moved_since_log = 0
         self._nonfinite_at_last_log = 0  # allocator.nonfinite_total() at the previous log
@@ -198,6 +202,7 @@ class ElaLoRACallback(TrainerCallback):
                 )
                 self.allocator.t = int(state.global_step)
         self._ga_steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1)))
+        self._loss_scale = _token_average_scale(self._trainer)
         if self.orth_in_loss and self.config.orth_reg > 0:
             self._hook = model.register_forward_hook(self._add_penalty, with_kwargs=True)
         keep_inputs_differentiable(model)
@@ -319,7 +324,7 @@ class ElaLoRACallback(TrainerCallback):
         penalty = self.allocator.orth_penalty()
         self._last_penalty = penalty.detach()
         if kwargs.get("num_items_in_batch") is not None:  # loss already normalised over the accumulated batch
-            penalty = penalty / self._ga_steps
+            penalty = penalty / (self._ga_steps * self._loss_scale)
         return _set_loss(output, loss + penalty.to(loss.dtype))
 
 
@@ -330,6 +335,16 @@ def _wrap(trainer: Trainer, method: str, callback: ElaLoRACallback, make_wrapper
         current = functools.wraps(current)(make_wrapper(current))
         setattr(trainer, method, current)
     current.elalora_callback = callback
+
+
+def _token_average_scale(trainer: Trainer) -> int:
+    """The factor by which the Trainer multiplies a loss the model normalised over the tokens of every process
+    (``average_tokens_across_devices``): the number of data-parallel processes, so that DDP's mean of the
+    gradients is the gradient of the global token mean (transformers' ``Trainer.compute_loss``)."""
+    if not getattr(trainer.args, "average_tokens_across_devices", False):
+        return 1
+    tensor_parallel = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return max(1, trainer.accelerator.num_processes // tensor_parallel)
 
 
 def _get_loss(output):

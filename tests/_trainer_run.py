@@ -38,19 +38,21 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def train(base, out, auto, task, *, stop_at=None, resume=None, batch_size=8, **args):
-    """Inject, train ``STEPS`` steps (checkpoints every ``SAVE_EVERY``); returns (model in eval mode, trainer, callback)."""
+def train(base, out, auto, task, *, stop_at=None, resume=None, batch_size=8, steps=STEPS, **args):
+    """Inject, train ``steps`` steps (checkpoints every ``SAVE_EVERY``; ``args`` go to ``TrainingArguments``,
+    over these defaults); returns (model in eval mode, trainer, callback)."""
     model = auto.from_pretrained(base)
     # init="paper": at this lr (2e-2, for rounds worth checking in a few steps) the zero_p start, which trains P
     # from step 1, grows the order of float additions of a DDP mean into logit differences of 2e-3 (10× the check).
     config = elalora.ElaLoRAConfig(r=2, r_max=4, task_type=task, t_init=2, t_final=3, mask_interval=2, b=2, k=1,
                                    init="paper")
     model = elalora.inject(model, config)
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=batch_size, learning_rate=2e-2,
+    defaults = dict(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=2e-2,
         save_strategy="steps", save_steps=SAVE_EVERY, report_to="none", use_cpu=True, seed=0, data_seed=0,
-        disable_tqdm=True, dataloader_num_workers=0, logging_steps=SAVE_EVERY, **args,
+        disable_tqdm=True, dataloader_num_workers=0, logging_steps=SAVE_EVERY,
     )
+    args = TrainingArguments(**{**defaults, **args})
     trainer = Trainer(model=model, args=args, train_dataset=dataset(task),
                       callbacks=[StopAt(stop_at)] if stop_at else [])
     callback = ElaLoRACallback(config, write_run_record=False).attach(trainer)

@@ -2,7 +2,8 @@
 data shards, several reallocation rounds; afterwards every process holds
 bit-identical masks, rank patterns, adapter parameters, EMAs and optimizer state.
 The same through the transformers Trainer (as ``torchrun`` launches it): the
-decisions of one process with the same global batch, and checkpoints that resume.
+decisions of one process with the same global batch, and checkpoints that resume;
+and the orthogonality penalty counted once, as in one process.
 """
 import os
 import subprocess
@@ -17,6 +18,7 @@ import _reliability_util as U  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_worker.py")
 TRAINER_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_trainer_ddp_worker.py")
+ORTH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_orth_ddp_worker.py")
 WORLD = 2
 
 
@@ -94,3 +96,24 @@ def test_trainer_under_ddp_takes_one_process_decisions_and_resumes(tmp_path):
     with torch.no_grad():
         single_logits, ddp_logits = model(input_ids=ids).logits, ddp_model.eval()(input_ids=ids).logits
     torch.testing.assert_close(single_logits, ddp_logits, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_trainer_under_ddp_adds_the_orthogonality_penalty_once(tmp_path):
+    """The Trainer multiplies a loss normalised over the tokens of all processes by their number (DDP then
+    averages); the penalty the callback adds inside that loss must come out once, as in one process."""
+    pytest.importorskip("transformers")
+    import _orth_cases as C
+
+    C.hubs(tmp_path)
+    codes, outputs = _launch(str(tmp_path), C.STEPS, ORTH_WORKER)
+    if any(codes) and "Address already in use" in "".join(outputs):
+        codes, outputs = _launch(str(tmp_path), C.STEPS, ORTH_WORKER)
+    assert not any(codes), "worker failed:\n" + "\n----\n".join(o[-3000:] for o in outputs)
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for case in C.CASES:
+        U.assert_bit_identical(runs[1][case], runs[0][case], f"{case}: rank 1 vs rank 0")
+        single = C.run(tmp_path, case, per_device=C.GLOBAL_BATCH)
+        worst = max((single[k] - runs[0][case][k]).abs().max().item() for k in single)
+        assert worst <= 1e-6, f"{case} (task, average_tokens_across_devices, accumulation): adapters differ by {worst}"
