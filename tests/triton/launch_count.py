@@ -1,4 +1,4 @@
-"""Counts the kernel launches a piece of code would issue on a GPU, on a CPU under the Triton interpreter.
+"""Counts the kernel launches a piece of code issues on a GPU, or would issue, on a CPU under the Triton interpreter.
 
 The rule (issue 29): every Triton launch counts 1; every outermost ATen op that
 is not a view counts 1 (autocast's casts reach the dispatcher as ops of their
@@ -15,6 +15,9 @@ import torch
 from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
+from triton.runtime.jit import JITFunction
+
+from elalora_kernels.triton import _common
 
 _NO_LAUNCH = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}
 _TWO_LAUNCHES = {"slice_backward"}
@@ -40,23 +43,28 @@ class LaunchCounter(TorchDispatchMode):
 
     @contextlib.contextmanager
     def counting_triton(self):
-        original = interpreter.GridExecutor.__call__
+        # where a launch goes: the interpreter's grid executor on CPU, the JIT function's run on a GPU
+        owner, method, name_of = (
+            (interpreter.GridExecutor, "__call__", lambda launcher: launcher.fn.__name__) if _common.interpreting()
+            else (JITFunction, "run", lambda launcher: launcher.__name__)
+        )
+        original = getattr(owner, method)
         counter = self
 
-        def launch(executor, *args, **kwargs):
-            counter.launches.append(f"triton:{executor.fn.__name__}")
+        def launch(launcher, *args, **kwargs):
+            counter.launches.append(f"triton:{name_of(launcher)}")
             counter._in_triton += 1  # the interpreter's copies of the arguments are no launches
             try:
-                return original(executor, *args, **kwargs)
+                return original(launcher, *args, **kwargs)
             finally:
                 counter._in_triton -= 1
 
-        interpreter.GridExecutor.__call__ = launch
+        setattr(owner, method, launch)
         try:
             with self:
                 yield self
         finally:
-            interpreter.GridExecutor.__call__ = original
+            setattr(owner, method, original)
 
 
 def count_launches(fn) -> list[str]:

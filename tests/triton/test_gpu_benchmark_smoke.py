@@ -96,3 +96,16 @@ def test_a_run_cut_off_by_its_time_limit_keeps_what_it_measured(tmp_path):
     results = json.loads(out.read_text())
     assert results["complete"] and results["timings"] == [] and len(results["skipped_tasks"]) >= 8, proc.stdout[-2000:]
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("torch_cuda,nvcc,says", [
+    (None, "12.4", "torch has no CUDA"),
+    ("12.4", None, "no nvcc found"),
+    ("12.4", "11.8", "nvcc is CUDA 11.8 but torch was built with CUDA 12.4"),
+    ("12.4", "12.6", "building the CUDA C++ kernel with nvcc 12.6"),  # minor versions are compatible
+])
+def test_the_build_step_says_what_it_will_build_and_why(torch_cuda, nvcc, says):
+    spec = importlib.util.spec_from_file_location("elalora_gpu_build", ROOT / "benchmarks" / "gpu_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.cuda_build_plan(torch_cuda, nvcc).startswith(says)
