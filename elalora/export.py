@@ -130,7 +130,8 @@ def export_peft_lora(
     ``elalora.from_pretrained``) and the modules owning other trainable
     parameters; pass ``[]`` to export the adapters only.
     ``base_model_name_or_path`` and ``task_type`` default to the model's own
-    (``config._name_or_path``, the adapter config's ``task_type``). Module names are relative to ``model``: load the export with
+    (``config._name_or_path``, the adapter config's ``task_type``). Module
+    names are relative to ``model``: load the export with
     ``PeftModel.from_pretrained`` on the same base model class. The two files
     replace any earlier ones together (see ``elalora._files``).
     """
