@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import elalora  # noqa: E402
 import elalora_kernels.cpu as cpu_ops  # noqa: E402
+from elalora_kernels import batched  # noqa: E402
 from elalora_kernels.reference import score_ema_update_one  # noqa: E402
 
 BETA1 = BETA2 = 0.85
@@ -325,3 +326,133 @@ def allocator_bench(r: int = 8):
         assert info.round is not None
 
     return AllocatorBench(lambda: scoring.step(), round_step, rounds.rank_scores, len(names))
+
+
+# ------------------------------------------------ Llama-shaped training step
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_TOKENS = {"4x128": (4, 128), "8x256": (8, 256)}  # micro-batch × sequence length
+# The frozen floor first: the ratios' denominator is timed in every pass too.
+LLAMA_IMPLS = ["frozen floor", "peft LoRA", "elalora"]
+LLAMA_R = 16
+
+
+def _llama():
+    """A small causal LM built from a LlamaConfig (no weights to load): hidden 512, MLP 1376,
+    4 layers, 8 heads, vocabulary 8000."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_logging.set_verbosity_error()
+    config = LlamaConfig(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=8000, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).train()
+
+
+def llama_batch(tokens: str, seed: int = 0) -> torch.Tensor:
+    batch, seq = LLAMA_TOKENS[tokens]
+    return torch.randint(0, 8000, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def llama_elalora(total_steps: int = 1000):
+    """The Llama-shaped model with elalora adapters (r = 16, r_max = 32 by default) on every projection,
+    AdamW over them and the allocator (the library's default schedule for ``total_steps``)."""
+    model = _llama()
+    config = elalora.ElaLoRAConfig(r=LLAMA_R, lora_alpha=2 * LLAMA_R, target_modules=LLAMA_TARGETS)
+    elalora.inject(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt, elalora.RankAllocator(model, config, opt, total_steps=total_steps)
+
+
+def llama_step(impl: str, tokens: str):
+    """One training step of the Llama-shaped model on ``tokens`` (see LLAMA_TOKENS).
+
+    * frozen floor: no adapter, every weight frozen, the backward computes activation gradients
+      (dx) only, from input embeddings that require grad; no optimizer.
+    * peft LoRA: r = 16 on every projection, AdamW.
+    * elalora: r = 16 (r_max = 32), AdamW, ``allocator.orth_penalty()`` in the loss and
+      ``allocator.step()`` after ``optimizer.step()``, every step a score update and none a round
+      (a run of 10^6 steps: the default schedule's first round comes at step 150,000).
+    """
+    ids = llama_batch(tokens)
+    if impl == "frozen floor":
+        model = _llama().requires_grad_(False)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+
+        def step():
+            embeds.grad = None
+            model(inputs_embeds=embeds, labels=ids).loss.backward()
+
+        return TrainStep(step, [], [], 0)
+    if impl == "peft LoRA":
+        config = LoraConfig(r=LLAMA_R, lora_alpha=2 * LLAMA_R, target_modules=LLAMA_TARGETS, lora_dropout=0.0)
+        model = get_peft_model(_llama(), config)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return TrainStep(step, [], [], sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")))
+    if impl == "elalora":
+        model, opt, allocator = llama_elalora(total_steps=10**6)
+        book = []
+
+        def step():
+            (model(input_ids=ids, labels=ids).loss + allocator.orth_penalty()).backward()
+            opt.step()
+            book.append(timed(allocator.step))
+            opt.zero_grad(set_to_none=True)
+
+        return TrainStep(step, book, [], len(allocator.layers))
+    raise ValueError(impl)
+
+
+@dataclass
+class LlamaExtras:
+    """elalora's per-step work beyond PEFT LoRA's on the Llama-shaped model, part by part."""
+
+    penalty: callable  # allocator.orth_penalty() forward + backward (the dispatched op)
+    penalty_batched: callable  # the same through the batched torch ops (the CPU path before the fused op)
+    allocator_step: callable  # allocator.step() on a step without a round
+    adamw_slots: callable  # AdamW.step over adapter tensors of r_max = 2r slots (P, λ, Q)
+    adamw_three_halves: callable  # ... of r_max = ⌈1.5 r⌉ slots
+    adamw_active: callable  # ... of r slots only
+
+
+def _adamw_step(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt.step()  # its state exists, as after the first step of a run
+    return opt.step
+
+
+def llama_extras(tokens: str = "4x128") -> LlamaExtras:
+    model, opt, allocator = llama_elalora(total_steps=10**6)
+    ids = llama_batch(tokens)
+    (model(input_ids=ids, labels=ids).loss + allocator.orth_penalty()).backward()
+    opt.step()  # grads stay: allocator.step below sees them (the penalty's gradients go elsewhere)
+    layers = allocator.layers
+    factors = [layer.lora_P for layer in layers] + [layer.lora_Q for layer in layers]
+    actives = [layer.active for layer in layers]
+    coeff = allocator.config.orth_reg
+
+    def penalty():
+        torch.autograd.grad(allocator.orth_penalty(), factors)
+
+    def penalty_batched():
+        torch.autograd.grad(batched.orth_penalty(factors[: len(layers)], factors[len(layers) :], actives, coeff), factors)
+
+    def adapter_shapes(slots):
+        return [s for layer in layers for s in ((layer.out_features, slots), (slots,), (slots, layer.in_features))]
+
+    return LlamaExtras(
+        penalty, penalty_batched, allocator.step,
+        _adamw_step(adapter_shapes(allocator.r_max)), _adamw_step(adapter_shapes(-(-3 * LLAMA_R // 2))),
+        _adamw_step(adapter_shapes(LLAMA_R)),
+    )

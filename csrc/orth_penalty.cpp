@@ -55,17 +55,35 @@ __attribute__((always_inline)) inline float sum8(Vec8 v) {
   return sum;
 }
 
-// Dot product of two float rows of length d (16 partial sums, then the tail).
-ELALORA_AVX2_CLONE float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t d) {
-  Vec8 acc0 = {}, acc1 = {};
+// G[a0 + r, b] = X[a0 + r] · X[b] for r < R: one pass over X[b] feeds R sums (8 lanes each, then the tail).
+template <int64_t R>
+__attribute__((always_inline)) inline void gram_tile(const float* __restrict__ X, int64_t k, int64_t d, int64_t a0,
+                                                     int64_t b, float* __restrict__ G) {
+  Vec8 acc[R] = {};
   int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    acc0 += load8(x + i) * load8(y + i);
-    acc1 += load8(x + i + 8) * load8(y + i + 8);
+  for (; i + 8 <= d; i += 8) {
+    const Vec8 xb = load8(X + b * d + i);
+    for (int64_t r = 0; r < R; ++r) acc[r] += load8(X + (a0 + r) * d + i) * xb;
   }
-  float sum = sum8(acc0 + acc1);
-  for (; i < d; ++i) sum += x[i] * y[i];
-  return sum;
+  for (int64_t r = 0; r < R; ++r) {
+    float sum = sum8(acc[r]);
+    for (int64_t j = i; j < d; ++j) sum += X[(a0 + r) * d + j] * X[b * d + j];
+    G[(a0 + r) * k + b] = sum;
+  }
+}
+
+// G = X Xᵀ [k, k] for the k rows of X [k, d]: the lower triangle four rows at a time, then mirrored.
+ELALORA_AVX2_CLONE void gram(const float* __restrict__ X, int64_t k, int64_t d, float* __restrict__ G) {
+  int64_t a0 = 0;
+  for (; a0 + 4 <= k; a0 += 4) {
+    for (int64_t b = 0; b < a0 + 4; ++b) gram_tile<4>(X, k, d, a0, b, G);
+  }
+  for (; a0 < k; ++a0) {
+    for (int64_t b = 0; b <= a0; ++b) gram_tile<1>(X, k, d, a0, b, G);
+  }
+  for (int64_t a = 0; a < k; ++a) {
+    for (int64_t b = 0; b < a; ++b) G[b * k + a] = G[a * k + b];
+  }
 }
 
 // out[a0 + r, i0 .. i0+16) = s · Σ_b G[a0 + r, b] · X[b, i0 .. i0+16) for r < R: the sums stay in
@@ -121,7 +139,7 @@ struct RowSet {
 };
 
 struct Scratch {
-  std::vector<float> rows, grad_rows, gram;
+  std::vector<float> rows, grad_rows, gram, zeros;
 };
 
 template <typename T>
@@ -129,19 +147,25 @@ double run_set(const RowSet& set, float grad_scale, Scratch& s) {
   const int64_t k = static_cast<int64_t>(set.active.size()), d = set.len;
   s.rows.resize(k * d);
   s.gram.resize(k * k);
+  // The active rows into float32 scratch, reading the source in its memory order.
   const T* src = set.source->const_data_ptr<T>();
-  for (int64_t a = 0; a < k; ++a) {
-    const T* row = src + set.active[a] * set.slot_stride;
-    float* x = s.rows.data() + a * d;
-    for (int64_t i = 0; i < d; ++i) x[i] = static_cast<float>(row[i * set.pos_stride]);
+  float* x = s.rows.data();
+  if (set.slot_is_dim0) {
+    for (int64_t a = 0; a < k; ++a) {
+      const T* row = src + set.active[a] * set.slot_stride;
+      for (int64_t i = 0; i < d; ++i) x[a * d + i] = static_cast<float>(row[i * set.pos_stride]);
+    }
+  } else {
+    for (int64_t i = 0; i < d; ++i) {
+      const T* row = src + i * set.pos_stride;
+      for (int64_t a = 0; a < k; ++a) x[a * d + i] = static_cast<float>(row[set.active[a] * set.slot_stride]);
+    }
   }
+  gram(s.rows.data(), k, d, s.gram.data());
   double sum_sq = 0.0;
   for (int64_t a = 0; a < k; ++a) {
-    for (int64_t b = 0; b <= a; ++b) {
-      const float g = dot(s.rows.data() + a * d, s.rows.data() + b * d, d) - (a == b ? 1.f : 0.f);
-      s.gram[a * k + b] = s.gram[b * k + a] = g;
-      sum_sq += (a == b ? 1.0 : 2.0) * static_cast<double>(g) * g;
-    }
+    s.gram[a * k + a] -= 1.f;
+    for (int64_t b = 0; b < k; ++b) sum_sq += static_cast<double>(s.gram[a * k + b]) * s.gram[a * k + b];
   }
   const double norm = std::sqrt(sum_sq);
   if (set.grad == nullptr) return norm;
@@ -149,19 +173,19 @@ double run_set(const RowSet& set, float grad_scale, Scratch& s) {
   s.grad_rows.resize(k * d);
   const float scale = norm > 0 ? static_cast<float>(grad_scale / norm) : 0.f;
   gram_times_rows(s.gram.data(), s.rows.data(), scale, k, d, s.grad_rows.data());
-  // The whole gradient, in memory order: each active slot's row from grad_rows, zeros elsewhere.
-  std::vector<int64_t> position(set.slots, -1);
-  for (int64_t a = 0; a < k; ++a) position[set.active[a]] = a;
+  // The whole gradient in its memory order: slot j's values from its row of grad_rows, or from a
+  // row of zeros for an inactive slot (no branch per element).
+  s.zeros.assign(d, 0.f);
+  std::vector<const float*> from(set.slots, s.zeros.data());
+  for (int64_t a = 0; a < k; ++a) from[set.active[a]] = s.grad_rows.data() + a * d;
   T* out = set.grad->mutable_data_ptr<T>();
-  const float* y = s.grad_rows.data();
   if (set.slot_is_dim0) {
     for (int64_t j = 0; j < set.slots; ++j, out += d) {
-      const float* row = position[j] < 0 ? nullptr : y + position[j] * d;
-      for (int64_t i = 0; i < d; ++i) out[i] = row ? static_cast<T>(row[i]) : T(0);
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(from[j][i]);
     }
   } else {
     for (int64_t i = 0; i < d; ++i, out += set.slots) {
-      for (int64_t j = 0; j < set.slots; ++j) out[j] = position[j] < 0 ? T(0) : static_cast<T>(y[position[j] * d + i]);
+      for (int64_t j = 0; j < set.slots; ++j) out[j] = static_cast<T>(from[j][i]);
     }
   }
   return norm;
