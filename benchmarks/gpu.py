@@ -314,6 +314,42 @@ def time_adapter(n, d, r, dtype, autocast=None, contenders=ADAPTER_CONTENDERS, b
         row(sec, f"overhead ElaLoRA / PEFT LoRA {tag}", None, ratio=ratio, target="<= 0.5", met=ratio <= 0.5)
 
 
+def time_nf4_adapter(n, d, r, dtype):
+    """Forward+backward of one layer on a bitsandbytes NF4 base (QLoRA; compute dtype ``dtype``): the base
+    alone, ElaLoRA (the base computes y0, the adapter op adds in) and PEFT LoRA's bnb layer, at the same r."""
+    sec = "adapter fwd+bwd, NF4 base"
+    try:
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        row(sec, "NF4 base", None, note=f"{err.name} not installed")
+        return
+    from elalora import ElaLoRALinear
+
+    def nf4_base(seed):
+        torch.manual_seed(seed)  # the same weights for every contender
+        return bnb.nn.Linear4bit(d, d, compute_dtype=dtype, quant_type="nf4").to(DEVICE)  # moving quantizes
+
+    t = adapter_inputs(n, d, d, r, seed=1)
+    x, g = t["x"].to(dtype).requires_grad_(), t["g"].to(dtype)
+    elalora_layer = ElaLoRALinear.from_linear(nf4_base(0), r=r, r_max=2 * r)
+    holder = _Holder(nf4_base(0))
+    holder.is_loaded_in_4bit = True  # PEFT then wraps the base in its bnb.Linear4bit LoRA layer
+    peft_layer = get_peft_model(holder, LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0,
+                                                   target_modules=["base"])).base_model.model.base
+    tag = f"N={n} d={d} r={r} compute {str(dtype).replace('torch.', '')}"
+
+    def fb(layer):
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return lambda: torch.autograd.grad(layer(x), [x] + params, g)
+
+    ms_base, h_base = timed(fb(nf4_base(0)))
+    row(sec, f"bitsandbytes NF4 base alone {tag}", ms_base, h_base)
+    for name, layer in (("ElaLoRA", elalora_layer), ("PEFT LoRA (QLoRA)", peft_layer)):
+        ms, h = timed(fb(layer))
+        row(sec, f"{name} {tag}", ms, h, x_base=ms / ms_base)
+
+
 # ----------------------------------------------------------------------------- score + EMA
 def adapter_set(layers, dims, r_max, dtype, seed=0):
     """params, grads and EMA views of a model's adapters in the allocator's layout (16-byte-aligned views)."""
@@ -622,6 +658,7 @@ def tasks():
         ("adapter at the headline shape: PEFT AdaLoRA, eager reference",
          lambda: time_adapter(*headline, contenders=("PEFT AdaLoRA", "eager reference"), base=False)),
         *((f"adapter {case}", lambda case=case: time_adapter(*case)) for case in more_adapter),
+        ("adapter on an NF4 base (QLoRA): base, ElaLoRA, PEFT LoRA", lambda: time_nf4_adapter(*headline)),
         ("score+EMA: other variants", lambda: score_timings().variants()),
         ("rank scores", lambda: check_and_time_rank_scores(*score_set)),
         ("score+EMA: torch.compile baseline (cold)", compile_baseline),
