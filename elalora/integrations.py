@@ -255,6 +255,10 @@ class ElaLoRACallback(TrainerCallback):
             self._hook = None
         if self.allocator is None:
             return
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            # the Trainer loaded the best checkpoint's weights file, which leaves the adapters out: ours hold them
+            best = state.best_model_checkpoint
+            load_adapter(self._model, best, allocator=self.allocator if has_allocator_state(best) else None)
         from .run_records import run_record
 
         self.record = run_record(self.allocator, initial_ranks=self._initial,

@@ -38,7 +38,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def train(base, out, auto, task, *, stop_at=None, resume=None, batch_size=8, steps=STEPS, **args):
+def train(base, out, auto, task, *, stop_at=None, resume=None, batch_size=8, steps=STEPS, eval_dataset=None, **args):
     """Inject, train ``steps`` steps (checkpoints every ``SAVE_EVERY``; ``args`` go to ``TrainingArguments``,
     over these defaults); returns (model in eval mode, trainer, callback)."""
     model = auto.from_pretrained(base)
@@ -53,7 +53,7 @@ def train(base, out, auto, task, *, stop_at=None, resume=None, batch_size=8, ste
         disable_tqdm=True, dataloader_num_workers=0, logging_steps=SAVE_EVERY,
     )
     args = TrainingArguments(**{**defaults, **args})
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(task),
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(task), eval_dataset=eval_dataset,
                       callbacks=[StopAt(stop_at)] if stop_at else [])
     callback = ElaLoRACallback(config, write_run_record=False).attach(trainer)
     trainer.train(resume_from_checkpoint=resume)

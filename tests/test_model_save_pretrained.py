@@ -109,3 +109,20 @@ def test_transformers_prints_nothing_unexpected_loading_a_checkpoint(tmp_path, f
         logging.getLogger("transformers").removeHandler(handler)
     for word in ("UNEXPECTED", "MISSING", "lora_"):
         assert word not in printed.getvalue(), printed.getvalue()
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(tmp_path):
+    """The Trainer reloads the best checkpoint's weights file, which leaves the adapters out: the callback
+    loads them (and the allocator state) from the adapter files of that checkpoint."""
+    from _trainer_run import SAVE_EVERY, dataset, hub, train
+
+    auto = AutoModelForSequenceClassification
+    base = hub(tmp_path / "hub", "bert", auto)
+    # "best" is the highest eval loss, so that the best checkpoint is not the last one
+    model, trainer, _ = train(base, tmp_path / "run", auto, "SEQ_CLS", eval_dataset=dataset("SEQ_CLS", n=8),
+                              load_best_model_at_end=True, eval_strategy="steps", eval_steps=SAVE_EVERY,
+                              metric_for_best_model="loss", greater_is_better=True)
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith(f"checkpoint-{SAVE_EVERY}")
+    expected = elalora.from_pretrained(None, best).eval()
+    torch.testing.assert_close(logits(model), logits(expected), rtol=0, atol=0)
