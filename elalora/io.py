@@ -163,7 +163,7 @@ def save_adapter(
 # -------------------------------------------------------------------- load
 def read_adapter_config(directory: str | Path) -> dict:
     """The checked contents of ``elalora_config.json`` (``AdapterLoadError`` naming the file if it is not one
-    this elalora reads); its ``"config"`` is parsed into an ``ElaLoRAConfig`` (or ``None``)."""
+    this elalora reads, or its ``"config"`` is not a valid ``ElaLoRAConfig``)."""
     directory = Path(directory)
     recover(directory)  # finish a save that was stopped after its commit point
     path = directory / CONFIG_NAME
@@ -189,7 +189,7 @@ def read_adapter_config(directory: str | Path) -> dict:
         )
     if meta.get("config") is not None:
         try:
-            meta["config"] = ElaLoRAConfig.from_dict(meta["config"])
+            ElaLoRAConfig.from_dict(meta["config"])
         except (TypeError, ValueError) as err:
             raise AdapterLoadError(f"load_adapter: {path}: {err}") from None
     return meta
@@ -242,7 +242,7 @@ def load_adapter(
                 "load_adapter: the model has no ElaLoRA adapters and the save holds no config to inject them; "
                 "call elalora.inject(model, config) first"
             )
-        to_inject = meta["config"]
+        to_inject = ElaLoRAConfig.from_dict(meta["config"])
         targets = target_names(model, to_inject)
         _check_names(list(saved_layers), targets, "the layers the saved config targets in this model")
         layer_map = {n: model.get_submodule(n) for n in targets}
