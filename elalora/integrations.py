@@ -60,7 +60,10 @@ What the callback does, and where:
   elalora's own ``elalora_config.json``, ``elalora_model.safetensors``) and the allocator state (``allocator.json`` +
   ``allocator.safetensors``, no pickle): ``on_save`` writes them into the
   checkpoint, and the Trainer's ``save_model`` is wrapped to write them beside
-  the full weights it saves. ``elalora.from_pretrained(base,
+  the weights it saves (the model's own ``save_pretrained`` leaves the
+  adapters out of those: see ``elalora.pretrained.save_through_transformers``;
+  on resuming, and after ``load_best_model_at_end``, the callback loads them
+  from elalora's files). ``elalora.from_pretrained(base,
   dir)`` loads them onto a fresh base model; so does transformers alone
   (``AutoModelFor….from_pretrained(dir)`` with peft installed), as the files
   under PEFT's names are a PEFT LoRA adapter.
