@@ -211,7 +211,8 @@ def table(rows: list[dict]) -> str:
             ela, ref = by_key.get((model_name, base, "elalora")), by_key.get((model_name, base, "peft"))
             if ela is None or ref is None:
                 continue
-            cells = [f"{ela[k]:.1f} / {ref[k]:.1f} ({ela[k] / ref[k]:.2f})" for k in ("state_mib", "rss_mib", "step_ms")]
+            keys = ("state_mib", "rss_mib", "step_ms")
+            cells = [f"{ela[k]:.1f} / {ref[k]:.1f} ({ela[k] / ref[k]:.2f})" for k in keys]
             lines.append(f"| {model_name} | {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -278,7 +278,7 @@ class ElaLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- merge
     def delta_weight(self) -> Tensor:
-        """``ΔW = s·P diag(λ·active) Q``, computed in float32, in the weight's dtype (float32 for a quantized base)."""
+        """``ΔW = s·P diag(λ·active) Q``, computed in float32, in the weight's dtype (a quantized base: float32)."""
         r = self._rank
         lam = self.lora_lam[:r].float() * self.active[:r].float()
         delta = (self.lora_P[:, :r].float() * (self.scale * lam)) @ self.lora_Q[:r].float()

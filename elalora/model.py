@@ -314,6 +314,7 @@ def merge_and_unload(model: nn.Module, *, quantized_base: str | None = None) -> 
             stacklevel=2,
         )
     if quantized_base == "dequantize" and getattr(model, "hf_quantizer", None) is not None:
+        quantized.unpack_cpu_weights(model)
         model.dequantize()  # transformers: the other quantized layers, and the model's quantization flags
     model.__dict__.pop("_hf_peft_config_loaded", None)  # set by inject: the model carries no adapters now
     if hasattr(model, CONFIG_ATTR):

@@ -90,13 +90,28 @@ def dequantized_weight(base: nn.Module) -> Tensor:
         # the row scales move from the weight to the layer's state at its first forward
         scales = weight.SCB if weight.SCB is not None else base.state.SCB
         return bnb_f.int8_vectorwise_dequant(weight.data, scales).float()
-    state = weight.quant_state
-    data = weight.data
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first no-grad eval forward;
-        # dequantize_4bit reads the standard layout only (bitsandbytes itself unpacks the same way to save).
-        data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
-    return bnb_f.dequantize_4bit(data, state).float()
+    unpack_cpu_weights(base)
+    return bnb_f.dequantize_4bit(weight.data, weight.quant_state).float()
+
+
+def unpack_cpu_weights(model: nn.Module) -> None:
+    """Put every 4-bit weight of ``model`` back in bitsandbytes' standard layout, in place.
+
+    bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the
+    first no-grad eval forward, and ``dequantize_4bit`` (transformers'
+    ``model.dequantize()`` too) reads the standard layout only: on a repacked
+    weight it returns wrong values. bitsandbytes' own save unpacks the same way;
+    its next such forward packs again.
+    """
+    import bitsandbytes.functional as bnb_f
+
+    bnb_nn = _bnb_nn()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, bnb_nn.Linear4bit) and getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
 
 
 def base_dtype(base: nn.Module) -> torch.dtype:

@@ -135,7 +135,8 @@ def test_save_and_load_onto_a_fresh_quantized_base_is_exact(checkpoint, kind, tm
     # the PEFT LoRA adapter in the same directory, onto the same quantized base
     peft_model = peft.PeftModel.from_pretrained(load(checkpoint, kind), tmp_path / "adapter").eval()
     base = logits(load(checkpoint, kind).eval())
-    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-3 * (logits(model) - base).abs().max())
+    adapter_effect = (logits(model) - base).abs().max()
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-3 * adapter_effect)
 
 
 def test_an_adapter_for_one_quantization_is_refused_by_another(checkpoint, tmp_path):
@@ -159,7 +160,8 @@ def test_merge_and_unload_on_a_quantized_base(checkpoint, kind):
         elalora.merge_and_unload(model)
     assert len(elalora.adapter_layers(model)) == 12 and torch.equal(logits(model), want)  # unchanged
 
-    floated = elalora.merge_and_unload(adapted(checkpoint, kind), quantized_base="dequantize")
+    # the model that just ran inference: on CPUs with AVX512-BF16 bitsandbytes has repacked its 4-bit weights
+    floated = elalora.merge_and_unload(model, quantized_base="dequantize")
     assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in floated.modules())
     assert not getattr(floated, "is_quantized", False)
     base_gap = (logits(load(checkpoint, kind).eval()) - want).abs().max()
