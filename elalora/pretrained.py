@@ -23,7 +23,7 @@ from typing import Union
 
 import torch.nn as nn
 
-from . import fsdp
+from . import fsdp, quantized
 from .architectures import model_type
 from .export import base_model_name
 from .io import SLOT_TENSORS, AdapterLoadError, load_adapter, read_adapter_config, save_adapter
@@ -38,6 +38,7 @@ def base_model_info(model: nn.Module) -> dict:
         "model_type": model_type(model),
         "architectures": getattr(config, "architectures", None),
         "class": type(model).__name__,
+        "quantization_config": quantized.quantization_config(model),  # loading by name quantizes the same way
     }
 
 
@@ -77,7 +78,9 @@ def from_pretrained(
     saved = meta.get("base_model") or {}
     if base_model is None or isinstance(base_model, (str, Path)):
         class_name = saved.get("class") or (saved.get("architectures") or [None])[0]
-        base_model = _load_base(base_model or saved.get("name_or_path"), class_name, directory)
+        base_model = _load_base(
+            base_model or saved.get("name_or_path"), class_name, directory, saved.get("quantization_config")
+        )
     if adapter_layers(base_model):
         raise AdapterLoadError(
             "from_pretrained: the model already holds ElaLoRA adapters; pass a fresh base model "
@@ -94,8 +97,8 @@ def from_pretrained(
     return base_model
 
 
-def _load_base(name_or_path, class_name, directory) -> nn.Module:
-    """The base model ``class_name.from_pretrained(name_or_path)`` (a transformers class)."""
+def _load_base(name_or_path, class_name, directory, quantization: dict | None = None) -> nn.Module:
+    """The base model ``class_name.from_pretrained(name_or_path)`` (a transformers class), quantized as saved."""
     if not name_or_path:
         raise AdapterLoadError(
             f"from_pretrained: {directory} records no base model name or path; pass the base model itself"
@@ -108,7 +111,16 @@ def _load_base(name_or_path, class_name, directory) -> nn.Module:
             f"from_pretrained: the base model's class {class_name!r} recorded in {directory} is not a transformers "
             "class; load the base model yourself and pass it"
         )
-    return cls.from_pretrained(str(name_or_path))
+    if quantization is None:
+        return cls.from_pretrained(str(name_or_path))
+    if quantization.get("quant_method") != "bitsandbytes":
+        raise AdapterLoadError(
+            f"from_pretrained: the base model recorded in {directory} was quantized with "
+            f"{quantization.get('quant_method')!r}; load the base model yourself and pass it"
+        )
+    quantized.require_bitsandbytes(f"from_pretrained: the base model recorded in {directory} is quantized and")
+    config = transformers.BitsAndBytesConfig.from_dict(quantization)
+    return cls.from_pretrained(str(name_or_path), quantization_config=config)
 
 
 def save_through_transformers(model: nn.Module) -> None:

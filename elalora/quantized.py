@@ -74,6 +74,12 @@ def parameter_count(p: Tensor) -> int:
     return p.numel()
 
 
+def quantization_config(model: nn.Module) -> dict | None:
+    """A transformers model's ``config.quantization_config`` as JSON data (``None`` for a float model)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else config
+
+
 def compute_dtype(base: nn.Module, x: Tensor) -> torch.dtype:
     """The dtype bitsandbytes computes ``base(x)`` in: a Linear4bit's set compute dtype, else the input's."""
     dtype = getattr(base, "compute_dtype", None)

@@ -2,6 +2,7 @@
 penalty, Trainer, gradient checkpointing, bf16 autocast), save, load (elalora and PEFT), merge."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -177,3 +178,15 @@ def test_merge_and_unload_on_a_quantized_base(checkpoint, kind):
     query = requantized.bert.encoder.layer[0].attention.self.query
     assert isinstance(query, bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt)
     assert (logits(requantized) - want).abs().max() < 0.5 * base_gap  # most of ΔW survives the rounding
+
+
+def test_loading_by_name_quantizes_the_base_as_it_was(checkpoint, tmp_path, monkeypatch):
+    model = adapted(checkpoint, "nf4")
+    elalora.save_pretrained(model, tmp_path / "adapter")
+    loaded = elalora.from_pretrained(None, tmp_path / "adapter").eval()  # the base by its recorded path
+    assert loaded.bert.encoder.layer[0].attention.self.query.quantization == "nf4"
+    assert torch.equal(logits(loaded), logits(model))
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r'quantized and needs bitsandbytes: pip install "elalora\[bnb\]"'):
+        elalora.from_pretrained(None, tmp_path / "adapter")
