@@ -25,7 +25,7 @@ def _step(impl, tokens):
 def test_llama_training_step(benchmark, tokens, pass_, impl):
     ts = _step(impl, tokens)
     benchmark.group = f"Llama-shaped training step {tokens}"
-    benchmark.pedantic(ts.step, rounds=2, warmup_rounds=1)
+    benchmark.pedantic(ts.step, rounds=3, warmup_rounds=1)
     if ts.bookkeeping:  # allocator.step inside the training steps so far (caches cold after backward + AdamW)
         benchmark.extra_info["bookkeeping_s"] = statistics.median(ts.bookkeeping)
 
@@ -39,6 +39,7 @@ PARTS = {
     "orth penalty fwd+bwd": "penalty",
     "orth penalty fwd+bwd, batched torch ops": "penalty_batched",
     "allocator.step, no round": "allocator_step",
+    "allocator.step, no round, r_max = r": "allocator_step_active",
     "AdamW, r_max = 2r slots": "adamw_slots",
     "AdamW, r_max = ⌈1.5 r⌉ slots": "adamw_three_halves",
     "AdamW, r slots": "adamw_active",

@@ -355,11 +355,11 @@ def llama_batch(tokens: str, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 8000, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def llama_elalora(total_steps: int = 1000):
+def llama_elalora(total_steps: int = 1000, r_max=None):
     """The Llama-shaped model with elalora adapters (r = 16, r_max = 32 by default) on every projection,
     AdamW over them and the allocator (the library's default schedule for ``total_steps``)."""
     model = _llama()
-    config = elalora.ElaLoRAConfig(r=LLAMA_R, lora_alpha=2 * LLAMA_R, target_modules=LLAMA_TARGETS)
+    config = elalora.ElaLoRAConfig(r=LLAMA_R, r_max=r_max, lora_alpha=2 * LLAMA_R, target_modules=LLAMA_TARGETS)
     elalora.inject(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt, elalora.RankAllocator(model, config, opt, total_steps=total_steps)
@@ -417,6 +417,7 @@ class LlamaExtras:
     penalty: callable  # allocator.orth_penalty() forward + backward (the dispatched op)
     penalty_batched: callable  # the same through the batched torch ops (the CPU path before the fused op)
     allocator_step: callable  # allocator.step() on a step without a round
+    allocator_step_active: callable  # the same on a model with r_max = r (no spare slots)
     adamw_slots: callable  # AdamW.step over adapter tensors of r_max = 2r slots (P, λ, Q)
     adamw_three_halves: callable  # ... of r_max = ⌈1.5 r⌉ slots
     adamw_active: callable  # ... of r slots only
@@ -432,11 +433,17 @@ def _adamw_step(shapes, seed=0):
     return opt.step
 
 
-def llama_extras(tokens: str = "4x128") -> LlamaExtras:
-    model, opt, allocator = llama_elalora(total_steps=10**6)
-    ids = llama_batch(tokens)
+def _stepped_allocator(ids, r_max=None):
+    """The Llama-shaped model's allocator after one real step (grads and AdamW state present)."""
+    model, opt, allocator = llama_elalora(total_steps=10**6, r_max=r_max)
     (model(input_ids=ids, labels=ids).loss + allocator.orth_penalty()).backward()
-    opt.step()  # grads stay: allocator.step below sees them (the penalty's gradients go elsewhere)
+    opt.step()  # grads stay: allocator.step sees them (the penalty's gradients below go elsewhere)
+    return allocator
+
+
+def llama_extras(tokens: str = "4x128") -> LlamaExtras:
+    ids = llama_batch(tokens)
+    allocator = _stepped_allocator(ids)
     layers = allocator.layers
     factors = [layer.lora_P for layer in layers] + [layer.lora_Q for layer in layers]
     actives = [layer.active for layer in layers]
@@ -452,7 +459,7 @@ def llama_extras(tokens: str = "4x128") -> LlamaExtras:
         return [s for layer in layers for s in ((layer.out_features, slots), (slots,), (slots, layer.in_features))]
 
     return LlamaExtras(
-        penalty, penalty_batched, allocator.step,
+        penalty, penalty_batched, allocator.step, _stepped_allocator(ids, r_max=LLAMA_R).step,
         _adamw_step(adapter_shapes(allocator.r_max)), _adamw_step(adapter_shapes(-(-3 * LLAMA_R // 2))),
         _adamw_step(adapter_shapes(LLAMA_R)),
     )
