@@ -1,10 +1,11 @@
 """Quantized (bitsandbytes) bases: the adapter half of the op, the layer, inject, and bad input.
 
-The fast path is checked against ``elalora_kernels.reference`` on a dequantized
-copy of the base's weight. bitsandbytes computes the base output ``y0`` itself
-(8-bit also quantizes the activations), so a tolerance on the whole output is
-the base's own measured error (bnb vs ``F.linear`` on the dequantized weight)
-plus the float64-oracle rule of tests/test_cpu_adapter.py for the adapter.
+The adapter-add op is held to the float64-oracle rule of tests/test_cpu_adapter.py
+(within a small multiple of eager PyTorch's own error). The layer is checked
+against ``elalora_kernels.reference`` on a dequantized copy of the base's weight:
+bitsandbytes computes the base output ``y0`` itself (8-bit also quantizes the
+activations), so the bound is twice the base's own measured error (bnb vs
+``F.linear`` on the dequantized weight) plus 16·eps·√d of the output's size.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import elalora  # noqa: E402
 from elalora import ElaLoRAConfig, ElaLoRALinear, quantized  # noqa: E402
 from elalora_kernels import reference  # noqa: E402
 from elalora_kernels.cpu import adapter_add  # noqa: E402
-from test_cpu_adapter import TOL, _assert_within_eager_error  # noqa: E402
+from test_cpu_adapter import _assert_within_eager_error  # noqa: E402
 
 SHAPES = [((1,), 7, 123, 3), ((7,), 123, 7, 1), ((2, 3), 64, 33, 5)]  # (lead dims, in, out, r)
 
