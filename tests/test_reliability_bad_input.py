@@ -46,7 +46,7 @@ CONFIG_CASES = [
     ("mask_interval", 0, r"mask_interval must be >= 1"),
     ("total_steps", 0, r"total_steps must be an int >= 1"),
     ("total_steps", 10.5, r"total_steps must be an int >= 1"),
-    ("total_steps", 400, r"total_steps must be > t_init \+ t_final = 200 \+ 200"),
+    ("t_final", 1.5, r"t_final must be an int or None"),  # None: follows from total_steps
     ("rank_scheduler", 1, r"rank_scheduler must be a bool"),
     ("orth_reg", -0.1, r"orth_reg must be a .*>= 0"),
     ("orth_reg", math.nan, r"orth_reg must be a"),
