@@ -217,6 +217,31 @@ std::vector<int64_t> active_slots(const at::Tensor& active, int64_t slots, size_
   return out;
 }
 
+// Contiguous gradients shaped as every P, then every Q. Where all share one dtype they are views of
+// one buffer: one allocation, which the allocator can hand back step after step without fresh pages
+// (56 separate ones were measured paying page faults every call, more than the arithmetic).
+void allocate_grads(const std::vector<at::Tensor>& Ps, const std::vector<at::Tensor>& Qs,
+                    std::vector<at::Tensor>& grads) {
+  std::vector<const at::Tensor*> all;
+  for (const auto& P : Ps) all.push_back(&P);
+  for (const auto& Q : Qs) all.push_back(&Q);
+  const bool one_dtype = std::all_of(all.begin(), all.end(), [&](const at::Tensor* t) {
+    return t->scalar_type() == all[0]->scalar_type();
+  });
+  if (!one_dtype) {
+    for (const at::Tensor* t : all) grads.push_back(at::empty(t->sizes(), t->options()));
+    return;
+  }
+  int64_t total = 0;
+  for (const at::Tensor* t : all) total += t->numel();
+  const at::Tensor flat = at::empty({total}, all[0]->options());
+  int64_t offset = 0;
+  for (const at::Tensor* t : all) {
+    grads.push_back(flat.narrow(0, offset, t->numel()).view(t->sizes()));
+    offset += t->numel();
+  }
+}
+
 // Returns Σ of the 2M norms (Q_0, Pᵀ_0, Q_1, ... summed in that order, in float64) and, when
 // asked, the gradients of (grad_scale/2)·Σ norms for every P, then every Q.
 std::pair<double, std::vector<at::Tensor>> orth_penalty(const std::vector<at::Tensor>& Ps,
@@ -245,8 +270,7 @@ std::pair<double, std::vector<at::Tensor>> orth_penalty(const std::vector<at::Te
     sets.push_back({&P, nullptr, false, slots, P.size(0), P.stride(1), P.stride(0), std::move(active)});
   }
   if (want_grads) {  // allocated first, so the vector does not move while sets point into it
-    for (size_t m = 0; m < M; ++m) grads.push_back(at::empty(Ps[m].sizes(), Ps[m].options()));
-    for (size_t m = 0; m < M; ++m) grads.push_back(at::empty(Qs[m].sizes(), Qs[m].options()));
+    allocate_grads(Ps, Qs, grads);
     for (size_t m = 0; m < M; ++m) {
       sets[2 * m].grad = &grads[M + m];
       sets[2 * m + 1].grad = &grads[m];
