@@ -24,7 +24,13 @@ def hubs(out: Path) -> None:
 
 
 def run(out: Path, case, *, per_device: int, **args) -> dict:
-    """The adapters after ``STEPS`` optimizer steps of global batch ``GLOBAL_BATCH`` × the case's accumulation."""
+    """The adapters after ``STEPS`` optimizer steps of global batch ``GLOBAL_BATCH`` × the case's accumulation.
+
+    Not the head: BERT's sequence-classification loss is a plain mean although the model accepts
+    ``num_items_in_batch``, so with ``average_tokens_across_devices`` the Trainer's multiplication by the number
+    of processes doubles its task gradient under DDP (transformers' behaviour; the head ends 1.7e-3 from one
+    process's). The adapters start at λ = 0 (``init="paper"``), where the penalty is what moves P and Q.
+    """
     task, average_tokens, accumulation = case
     family, auto = TASKS[task]
     model, _, _ = R.train(out / f"hub-{family}", out / "runs", auto, task, batch_size=per_device, steps=STEPS,

@@ -27,7 +27,7 @@ def snapshot(model, callback) -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     out = Path(os.environ["OUT_DIR"])
-    auto, ddp = AutoModelForSequenceClassification, {"ddp_backend": "gloo"}
+    auto, ddp = AutoModelForSequenceClassification, {"ddp_backend": "gloo", **R.NOT_TOKEN_AVERAGED}
     straight, _, cb_straight = R.train(out / "hub", out / "straight", auto, "SEQ_CLS", **ddp)
     R.train(out / "hub", out / "resumed", auto, "SEQ_CLS", stop_at=R.SAVE_EVERY, **ddp)
     resumed, _, cb_resumed = R.train(out / "hub", out / "resumed", auto, "SEQ_CLS",

@@ -14,6 +14,10 @@ from elalora.integrations import ElaLoRACallback
 import _tiny_hf as tiny
 
 STEPS, SAVE_EVERY = 12, 6
+# BERT's classification loss is a plain mean though the model accepts num_items_in_batch; the Trainer's token
+# averaging across processes assumes that count was used (it multiplies the loss by their number): off, so
+# that a DDP run of it compares with one process
+NOT_TOKEN_AVERAGED = {"average_tokens_across_devices": False}
 
 
 def hub(folder: Path, family: str, auto, **overrides) -> Path:

@@ -89,7 +89,7 @@ def test_trainer_under_ddp_takes_one_process_decisions_and_resumes(tmp_path):
     # of float additions (a mean over 16 examples vs the mean of two means over 8), which Adam magnifies for
     # the near-zero gradients of slots with λ ≈ 0 (up to ~lr per step): compare what the model computes.
     model, _, callback = R.train(tmp_path / "hub", tmp_path / "single", AutoModelForSequenceClassification,
-                                 "SEQ_CLS", batch_size=WORLD * 8)
+                                 "SEQ_CLS", batch_size=WORLD * 8, **R.NOT_TOKEN_AVERAGED)
     assert torch.equal(torch.tensor([[r.step, *r.ranks] for r in callback.allocator.history]), straight["rounds"])
     ddp_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight" / f"checkpoint-{R.STEPS}")
     ids = torch.stack([example["input_ids"] for example in R.dataset("SEQ_CLS")])
