@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model, target = adapted(0), adapted(1)
     size = sum(p.numel() * p.element_size() for _, l in elalora.adapter_layers(model)
-               for p in (l.lora_P, l.lora_lam, l.lora_Q))
+               for p in l.slot_params())
     times = {(kind, op): [] for kind in ("with", "without") for op in ("save", "load")}
     for _ in range(args.passes):
         for kind in ("with", "without"):
@@ -82,7 +82,7 @@ def main() -> None:
             with no_digest() if kind == "without" else contextlib.nullcontext():
                 times[kind, "save"].append(timed(lambda: elalora.save_adapter(model, directory)))
                 times[kind, "load"].append(timed(lambda: elalora.load_adapter(target, directory)))
-    slots = {f"{n}.{k}": getattr(l, k).detach() for n, l in elalora.adapter_layers(model) for k in io.SLOT_TENSORS}
+    slots = {f"{n}.{k}": getattr(l, k).detach() for n, l in elalora.adapter_layers(model) for k, _ in l.SLOTS}
     hashing = statistics.median(timed(lambda: _files.tensors_digest(slots))[1] for _ in range(args.passes))
     on_disk = sum(p.stat().st_size for p in (args.dir / "with").iterdir())
     print(f"slots {size / 1e6:.1f} MB, files on disk {on_disk / 1e6:.1f} MB, {args.passes} passes, "

@@ -232,13 +232,15 @@ def llama_tables(run: Run, lines: list[str]) -> list[tuple[str, bool]]:
         ]
     if LLAMA_PARTS in run.rounds:
         ms = {part: run.seconds(LLAMA_PARTS, part) * 1e3 for part in run.rounds[LLAMA_PARTS][0]}
+        # The fastest call too: on cores shared with other work a 2-thread call's median mostly measures waiting.
+        fastest = {part: min(t for p in run.rounds[LLAMA_PARTS].values() for t in p[part]) * 1e3 for part in ms}
         step_ms = run.seconds(LLAMA_STEP + "4x128", "elalora") * 1e3 if LLAMA_STEP + "4x128" in run.rounds else None
         share = lambda x: f"{x / step_ms:.1%}" if step_ms else "n/a"  # noqa: E731
         spare = ms["AdamW, r_max = 2r slots"] - ms["AdamW, r slots"]
-        rows = [f"| {part} | {t:.3f} ms | {share(t)} |" for part, t in ms.items()]
+        rows = [f"| {part} | {t:.3f} ms | {fastest[part]:.3f} ms | {share(t)} |" for part, t in ms.items()]
         in_steps = run.extra.get((LLAMA_STEP + "4x128", "elalora"), {}).get("bookkeeping_s")
         if in_steps is not None:
-            rows.append(f"| allocator.step, no round, inside the 4×128 training steps | {in_steps * 1e3:.3f} ms | {share(in_steps * 1e3)} |")
+            rows.append(f"| allocator.step, no round, inside the 4×128 training steps | {in_steps * 1e3:.3f} ms | – | {share(in_steps * 1e3)} |")
         lines += [
             "### elalora's own per-step work on the Llama-shaped model",
             "",
@@ -247,16 +249,19 @@ def llama_tables(run: Run, lines: list[str]) -> list[tuple[str, bool]]:
             "of the 28 adapters' P, λ, Q with r_max = 32 slots and with 16: their difference is what the spare "
             "slots cost the optimizer. *Share* is of elalora's whole 4×128 step in this run.",
             "",
-            "| part | time | share of the 4×128 step |",
-            "|---|---|---|",
+            "| part | median | fastest call | median's share of the 4×128 step |",
+            "|---|---|---|---|",
             *rows,
-            f"| AdamW's cost of the spare slots (difference of the two AdamW rows) | {spare:.3f} ms | {share(spare)} |",
+            f"| AdamW's cost of the spare slots (2r row − r row) | {spare:.3f} ms | "
+            f"{fastest['AdamW, r_max = 2r slots'] - fastest['AdamW, r slots']:.3f} ms | {share(spare)} |",
             "",
         ]
         pen, alloc = ms["orth penalty fwd+bwd"], ms["allocator.step, no round"]
         targets += [
-            (f"Llama-shaped set: orthogonality penalty forward + backward ≤ 1 ms ({pen:.2f} ms)", pen <= 1.0),
-            (f"Llama-shaped set: allocator.step without a round ≤ 0.3 ms ({alloc:.3f} ms)", alloc <= 0.3),
+            (f"Llama-shaped set: orthogonality penalty forward + backward ≤ 1 ms (median {pen:.2f} ms, "
+             f"fastest {fastest['orth penalty fwd+bwd']:.2f} ms)", pen <= 1.0),
+            (f"Llama-shaped set: allocator.step without a round ≤ 0.3 ms (median {alloc:.3f} ms, "
+             f"fastest {fastest['allocator.step, no round']:.3f} ms)", alloc <= 0.3),
         ]
     return targets
 

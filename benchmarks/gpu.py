@@ -518,7 +518,7 @@ def host_step_overhead(layers: int, dims, r: int, steps: int):
         return (time.perf_counter() - t0) * 1e6
 
     gen = torch.Generator().manual_seed(0)
-    params = [p for layer in modules for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)]
+    params = [p for layer in modules for p in layer.slot_params()]
     grad_sets = [[(torch.randn(p.shape, generator=gen) * 1e-3).to(DEVICE, p.dtype) for p in params] for _ in range(2)]
 
     def use_grads(k):

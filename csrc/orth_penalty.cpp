@@ -143,7 +143,7 @@ struct RowSet {
 };
 
 struct Scratch {
-  std::vector<float> rows, grad_rows, gram, zeros;
+  std::vector<float> rows, grad_rows, gram;
 };
 
 template <typename T>
@@ -177,19 +177,18 @@ double run_set(const RowSet& set, float grad_scale, Scratch& s) {
   s.grad_rows.resize(k * d);
   const float scale = norm > 0 ? static_cast<float>(grad_scale / norm) : 0.f;
   gram_times_rows(s.gram.data(), s.rows.data(), scale, k, d, s.grad_rows.data());
-  // The whole gradient in its memory order: slot j's values from its row of grad_rows, or from a
-  // row of zeros for an inactive slot (no branch per element).
-  s.zeros.assign(d, 0.f);
-  std::vector<const float*> from(set.slots, s.zeros.data());
-  for (int64_t a = 0; a < k; ++a) from[set.active[a]] = s.grad_rows.data() + a * d;
+  // The whole gradient: zeros (inactive slots), then each active slot's values from grad_rows.
   T* out = set.grad->mutable_data_ptr<T>();
+  std::fill(out, out + set.slots * d, T(0));
+  const float* y = s.grad_rows.data();
   if (set.slot_is_dim0) {
-    for (int64_t j = 0; j < set.slots; ++j, out += d) {
-      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(from[j][i]);
+    for (int64_t a = 0; a < k; ++a) {
+      T* row = out + set.active[a] * d;
+      for (int64_t i = 0; i < d; ++i) row[i] = static_cast<T>(y[a * d + i]);
     }
   } else {
     for (int64_t i = 0; i < d; ++i, out += set.slots) {
-      for (int64_t j = 0; j < set.slots; ++j) out[j] = static_cast<T>(from[j][i]);
+      for (int64_t a = 0; a < k; ++a) out[set.active[a]] = static_cast<T>(y[a * d + i]);
     }
   }
   return norm;

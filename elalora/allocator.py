@@ -126,13 +126,13 @@ class RankAllocator:
         self.history: list[RoundRecord] = []
         self.generator = torch.Generator().manual_seed(config.seed)
 
-        self.params: list[Tensor] = [p for layer in self.layers for p in _slot_params(layer)]
+        self.params: list[Tensor] = [p for layer in self.layers for p in layer.slot_params()]
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [
                 f"{name}.{attr}"
                 for name, layer in zip(self.names, self.layers)
-                for attr, p in zip(("lora_P", "lora_lam", "lora_Q"), _slot_params(layer))
+                for (attr, _), p in zip(ElaLoRALinear.SLOTS, layer.slot_params())
                 if id(p) not in held
             ]
             if missing:
@@ -213,7 +213,7 @@ class RankAllocator:
     @torch.no_grad()
     def _round(self, t: int, b: int) -> tuple[RoundRecord, int]:
         """One round; also returns the non-finite count the device held (read in the same transfer)."""
-        if any(p is not q for p, q in zip(self.params, (q for layer in self.layers for q in _slot_params(layer)))):
+        if any(p is not q for p, q in zip(self.params, (q for layer in self.layers for q in layer.slot_params()))):
             raise RuntimeError(
                 "RankAllocator: the model's adapter parameters were replaced after the allocator was built "
                 "(fully_shard does that): build the optimizer and the allocator after fully_shard"
@@ -250,7 +250,7 @@ class RankAllocator:
     def _slot_tensors(self, m: int) -> list[tuple[Tensor, int]]:
         """Every tensor holding per-slot data of layer m, with its slot dimension: the
         parameters P, λ, Q first, then their EMAs and optimizer state (this process's shards)."""
-        params = _slot_params(self.layers[m])
+        params = self.layers[m].slot_params()
         out = [(fsdp.local(param.data), dim) for param, dim in zip(params, SLOT_DIMS)]
         for i, (param, dim) in enumerate(zip(params, SLOT_DIMS)):
             out += [(self._ipt_views[3 * m + i], dim), (self._unc_views[3 * m + i], dim)]
@@ -382,11 +382,7 @@ def _scores_and_count_to_host(scores: Tensor, count: Optional[Tensor]) -> tuple[
     return [both[m * width:(m + 1) * width] for m in range(scores.shape[0])], int(both[-1])
 
 
-def _slot_params(layer: ElaLoRALinear) -> tuple[Tensor, Tensor, Tensor]:
-    return layer.lora_P, layer.lora_lam, layer.lora_Q
-
-
-SLOT_DIMS = (1, 0, 0)  # the slot dimension of P [out, r_max], λ [r_max], Q [r_max, in]
+SLOT_DIMS = tuple(axis for _, axis in ElaLoRALinear.SLOTS)
 
 
 def _init_slot(tensors: list[tuple[Tensor, int]], slot: int, generator: torch.Generator) -> None:

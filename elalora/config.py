@@ -42,6 +42,17 @@ def resolve_r_max(r, r_max, where: str) -> int:
     return r_max
 
 
+def check_adapter_options(lora_alpha, lora_dropout, init, where: str) -> None:
+    """The adapter's own options, checked in one place for ElaLoRAConfig and ElaLoRALinear (``where``
+    starts the message, as in ``resolve_r_max``)."""
+    if not (is_number(lora_alpha) and lora_alpha > 0):
+        _fail("lora_alpha", "must be a finite number > 0", lora_alpha, where)
+    if not (is_number(lora_dropout) and 0 <= lora_dropout < 1):
+        _fail("lora_dropout", "must be in [0, 1)", lora_dropout, where)
+    if init not in INITS:
+        _fail("init", f"must be one of {INITS}", init, where)
+
+
 def _check_module_names(name: str, value) -> None:
     """``None``, one valid regex string, or a non-empty tuple of non-empty names."""
     if value is None:
@@ -162,10 +173,7 @@ class ElaLoRAConfig:
         for name in SCHEDULE_FRACTIONS:
             if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 _fail(name, "must be an int or None (None: follow from total_steps)", getattr(self, name))
-        if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
-            _fail("lora_alpha", "must be a finite number > 0", self.lora_alpha)
-        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
-            _fail("lora_dropout", "must be in [0, 1)", self.lora_dropout)
+        check_adapter_options(self.lora_alpha, self.lora_dropout, self.init, "ElaLoRAConfig.")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < 1):
@@ -195,8 +203,6 @@ class ElaLoRAConfig:
             _fail("rank_scheduler", "must be a bool", self.rank_scheduler)
         if not (is_number(self.orth_reg) and self.orth_reg >= 0):
             _fail("orth_reg", "must be a finite number >= 0", self.orth_reg)
-        if self.init not in INITS:
-            _fail("init", f"must be one of {INITS}", self.init)
         _check_module_names("target_modules", self.target_modules)
         _check_module_names("modules_to_save", self.modules_to_save)
         if self.task_type is not None and self.task_type not in TASK_TYPES:

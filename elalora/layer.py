@@ -12,8 +12,8 @@ from torch import Tensor
 import elalora_kernels
 
 from . import quantized
-from ._checks import is_int, is_number
-from .config import INITS, resolve_r_max
+from ._checks import is_int
+from .config import check_adapter_options, resolve_r_max
 
 
 class NoAllocatorWarning(UserWarning):
@@ -69,6 +69,9 @@ class ElaLoRALinear(nn.Module):
     fan_in_fan_out = False  # True when ``weight`` is stored [in, out], as in transformers' Conv1D
     adapter_enabled = True  # False inside ``elalora.disable_adapters``: the layer computes its base alone
     quantization = None  # "nf4" / "fp4" / "int8" when the base is a bitsandbytes layer held as ``base_layer``
+    # The slot tensors, each with the axis that indexes its slots: P [out, r_max], λ [r_max], Q [r_max, in].
+    # Saves, exports, the allocator's moves of optimizer state and FSDP2 all read them from here.
+    SLOTS = (("lora_P", 1), ("lora_lam", 0), ("lora_Q", 0))
 
     def __init__(
         self,
@@ -132,12 +135,7 @@ class ElaLoRALinear(nn.Module):
 
     def _setup(self, weight, bias, r, r_max, lora_alpha, lora_dropout, generator, init) -> None:
         r_max = resolve_r_max(r, r_max, "ElaLoRALinear: ")
-        if not (is_number(lora_alpha) and lora_alpha > 0):
-            raise ValueError(f"ElaLoRALinear: lora_alpha must be a finite number > 0 (got {lora_alpha!r})")
-        if not (is_number(lora_dropout) and 0 <= lora_dropout < 1):
-            raise ValueError(f"ElaLoRALinear: lora_dropout must be in [0, 1) (got {lora_dropout!r})")
-        if init not in INITS:
-            raise ValueError(f"ElaLoRALinear: init must be one of {INITS} (got {init!r})")
+        check_adapter_options(lora_alpha, lora_dropout, init, "ElaLoRALinear: ")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"ElaLoRALinear: generator must be a torch.Generator or None (got {type(generator).__name__})"
@@ -182,6 +180,15 @@ class ElaLoRALinear(nn.Module):
         self.merged = False
         self.has_allocator = False  # set by RankAllocator: training without one warns once
         self.register_load_state_dict_post_hook(_refresh_rank_after_load)
+
+    def slot_params(self) -> tuple[nn.Parameter, ...]:
+        """P, λ, Q: the Parameters named in ``SLOTS``, in that order."""
+        return tuple(getattr(self, name) for name, _ in self.SLOTS)
+
+    @staticmethod
+    def slot_shapes(out_features: int, in_features: int, r_max: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of ``SLOTS`` in a layer of these sizes."""
+        return {"lora_P": (out_features, r_max), "lora_lam": (r_max,), "lora_Q": (r_max, in_features)}
 
     @property
     def base_weight(self) -> Tensor:

@@ -345,11 +345,11 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     keeps state for them from the first step.
     """
     layers = [layer for _, layer in adapter_layers(model)]
-    slot_ids = {id(p) for l in layers for p in (l.lora_P, l.lora_lam, l.lora_Q)}
+    slot_ids = {id(p) for l in layers for p in l.slot_params()}
     others = [p for p in model.parameters() if id(p) not in slot_ids]
     active = sum(l.active_rank * (l.in_features + l.out_features + 1) for l in layers)
     capacity = sum(l.r_max * (l.in_features + l.out_features + 1) for l in layers)
-    trains = any(p.requires_grad for l in layers for p in (l.lora_P, l.lora_lam, l.lora_Q))
+    trains = any(p.requires_grad for l in layers for p in l.slot_params())
     return {
         "trainable": (active if trains else 0) + sum(p.numel() for p in others if p.requires_grad),
         "total": active + sum(quantized.parameter_count(p) for p in others),
