@@ -271,6 +271,12 @@ def block_of(run: Run) -> str:
     return "cpu" if kernels else "cpu-steps"
 
 
+def make_command(run: Run, json_name: str) -> str:
+    if block_of(run) == "cpu":
+        return "make bench"
+    return f"make bench PYTEST_ARGS=\"-k 'llama or step'\" BENCH_JSON={json_name}"
+
+
 def section(run: Run, json_name: str) -> str:
     m, cpu = run.meta, run.machine.get("cpu", {})
     loads = lambda xs: " / ".join(f"{x:.2f}" for x in xs)  # noqa: E731
@@ -281,7 +287,7 @@ def section(run: Run, json_name: str) -> str:
         f"Machine: {cpu.get('brand_raw', 'unknown CPU')}, {m['cpu_count']} cores visible, torch {m['torch']} "
         f"({m['threads']} threads unless a table says otherwise), Python {run.machine['python_version']}. "
         f"C++ extension: {m['extension']}. Commit {commit}.",
-        f"Run: `make bench` (`{m['command']}`, then `python benchmarks/compare.py {json_name}`), "
+        f"Run: `{make_command(run, json_name)}` (`{m['command']}`, then `python benchmarks/compare.py {json_name}`), "
         f"{m['started']} to {m['finished']}. Load average over 1 / 5 / 15 min (as `uptime` prints it): "
         f"{loads(m['load_start'])} at the start, {loads(m['load_end'])} at the end, on {m['cpu_count']} cores.",
         "Absolute times move with the load of other processes on these cores; the ratios come from contenders "

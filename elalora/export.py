@@ -1,118 +1,23 @@
 """Export an ElaLoRA model as a standard PEFT LoRA adapter, for serving with ``peft``.
 
-For every adapted layer with active rank ``r`` (slots ``[0, r)``)::
-
-    lora_B = P[:, :r] · diag(s · λ[:r])      [out, r]
-    lora_A = Q[:r]                           [r, in]
-
-so that ``lora_B @ lora_A = s · P diag(λ) Q = ΔW``. PEFT multiplies by its own
-scaling ``lora_alpha / r``; ``adapter_config.json`` therefore gives every
-module its rank in ``rank_pattern`` and an ``alpha_pattern`` equal to that rank,
-so PEFT's scaling is exactly 1 and its ΔW is ours. Keys are the ones PEFT
-writes: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``;
-the ``modules_to_save`` of the config the model was injected with (a
-classification head), trained or loaded frozen, and the modules of other
-trainable parameters are exported as ``base_model.model.<param>`` with their
-modules listed in ``modules_to_save``.
-
-``elalora.save_adapter`` (and so ``save_pretrained`` and the Trainer callback)
-writes this adapter beside elalora's own files, so every save is also one:
+The two files are the PEFT part of every save (``elalora.peft_format`` says how
+the adapters become ``lora_A`` / ``lora_B``), written by the same writer as
+``elalora.save_adapter``; ``save_adapter`` (and so ``save_pretrained`` and the
+Trainer callback) writes them beside elalora's own files, so every save is also one:
 
     from peft import PeftModel
     served = PeftModel.from_pretrained(base_model, export_dir)   # same outputs as ours
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 import torch.nn as nn
 
-from ._files import SaveFiles, commit_files
-from .model import CONFIG_ATTR, adapter_layers, modules_to_save_names
-
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def lora_factors(p: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, rank: int, scale: float):
-    """``(lora_A, lora_B)`` of one layer from its packed slots (whole tensors), in the slots' dtype."""
-    with torch.no_grad():
-        b = p[:, :rank].float() * (scale * lam[:rank].float())
-        a = q[:rank].float()
-    return a.to(p.dtype).contiguous(), b.to(p.dtype).contiguous()
-
-
-def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The PEFT LoRA tensors, ``"<module>.lora_A.weight"`` / ``"<module>.lora_B.weight"`` (no ``base_model.model.``)."""
-    out = {}
-    for name, layer in adapter_layers(model):
-        if layer.merged:
-            raise RuntimeError(f"export_peft_lora: layer {name!r} is merged; unmerge it first")
-        a, b = lora_factors(layer.lora_P, layer.lora_lam, layer.lora_Q, layer.active_rank, layer.scale)
-        out[f"{name}.lora_A.weight"] = a
-        out[f"{name}.lora_B.weight"] = b
-    return out
-
-
-def trained_module_names(model: nn.Module) -> list[str]:
-    """The modules owning trainable parameters outside the adapters (PEFT's ``modules_to_save``)."""
-    adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in (layer.lora_P, layer.lora_lam, layer.lora_Q)}
-    owners = []
-    for pname, p in model.named_parameters():
-        owner = pname.rpartition(".")[0]
-        if p.requires_grad and id(p) not in adapter_ids and owner and owner not in owners:
-            owners.append(owner)
-    return owners
-
-
-def saved_module_names(model: nn.Module) -> list[str]:
-    """PEFT's ``modules_to_save``: those of the model's own ElaLoRA config (frozen or not, as after loading),
-    then the modules owning other trainable parameters."""
-    config = getattr(model, CONFIG_ATTR, None)
-    names = modules_to_save_names(model, config) if config is not None else []
-    return names + [n for n in trained_module_names(model) if not any(n == m or n.startswith(m + ".") for m in names)]
-
-
-def base_model_name(model: nn.Module) -> Optional[str]:
-    """The name or path the base model was loaded from (transformers' ``config._name_or_path``), if any."""
-    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-
-def peft_lora_config(
-    layers: Sequence[tuple[str, object]],
-    ranks: dict[str, int],
-    *,
-    modules_to_save: Sequence[str],
-    base_model_name_or_path: Optional[str],
-    task_type: Optional[str],
-) -> dict:
-    """PEFT's ``adapter_config.json`` for adapters of ``ranks`` (``layers``: the (name, ElaLoRALinear) pairs)."""
-    default_r = Counter(ranks.values()).most_common(1)[0][0]
-    # PEFT reads pattern keys as regexes matched against the end of a module name: escape the dots.
-    # Every module is listed, so the file states each module's rank.
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": default_r,
-        "lora_alpha": float(default_r),  # scaling = alpha / r = 1: s is folded into lora_B
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
-        "alpha_pattern": {re.escape(n): float(r) for n, r in ranks.items()},
-        "target_modules": [name for name, _ in layers],
-        "lora_dropout": max(layer.lora_dropout for _, layer in layers),
-        "bias": "none",
-        # GPT-2's Conv1D stores W as [in, out]; lora_A/lora_B are the same either way
-        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": list(modules_to_save) or None,
-    }
+from .io import write_save
+from .model import CONFIG_ATTR
+from .peft_format import base_model_name, saved_module_names
 
 
 def export_peft_lora(
@@ -133,26 +38,14 @@ def export_peft_lora(
     (``config._name_or_path``, the adapter config's ``task_type``). Module
     names are relative to ``model``: load the export with
     ``PeftModel.from_pretrained`` on the same base model class. The two files
-    replace any earlier ones together (see ``elalora._files``).
+    replace any earlier ones together (see ``elalora._files``). Under FSDP2 call
+    it on every process, as ``save_adapter``.
     """
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("export_peft_lora: model has no ElaLoRALinear layers")
-    tensors = {f"base_model.model.{k}": v for k, v in peft_lora_tensors(model).items()}
-    modules_to_save = saved_module_names(model) if modules_to_save is None else list(modules_to_save)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = base_model_name(model)
     if task_type is None and getattr(model, CONFIG_ATTR, None) is not None:
         task_type = getattr(model, CONFIG_ATTR).task_type
-    for module_name in modules_to_save:
-        for pname, p in model.get_submodule(module_name).named_parameters():
-            tensors[f"base_model.model.{module_name}.{pname}"] = p.detach()
-    ranks = {name: layer.active_rank for name, layer in layers}
-    files = SaveFiles()
-    files.safetensors(PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"}, digest=False)  # plain PEFT
-    files.json(PEFT_CONFIG_NAME, peft_lora_config(
-        layers, ranks, modules_to_save=modules_to_save,
-        base_model_name_or_path=base_model_name_or_path, task_type=task_type,
-    ))
-    commit_files(directory, files)
-    return Path(directory)
+    return write_save(
+        model, directory, who="export_peft_lora",
+        modules_to_save=saved_module_names(model) if modules_to_save is None else list(modules_to_save),
+        base_model_name_or_path=base_model_name(model) if base_model_name_or_path is None else base_model_name_or_path,
+        task_type=task_type,
+    )

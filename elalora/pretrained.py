@@ -25,9 +25,10 @@ import torch.nn as nn
 
 from . import fsdp, quantized
 from .architectures import model_type
-from .export import base_model_name
-from .io import SLOT_TENSORS, AdapterLoadError, load_adapter, read_adapter_config, save_adapter
+from .io import AdapterLoadError, load_adapter, read_adapter_config, save_adapter
+from .layer import ElaLoRALinear
 from .model import CONFIG_ATTR, adapter_layers, without_adapter_flag
+from .peft_format import base_model_name
 
 
 def base_model_info(model: nn.Module) -> dict:
@@ -133,7 +134,8 @@ def save_through_transformers(model: nn.Module) -> None:
     resuming from such a checkpoint, finds exactly the keys it was told to leave out missing, and
     ``ElaLoRACallback`` loads the adapters from elalora's files.
     """
-    adapter_keys = {f"{name}.{key}" for name, _ in adapter_layers(model) for key in (*SLOT_TENSORS, "active")}
+    keys = [key for key, _ in ElaLoRALinear.SLOTS] + ["active"]
+    adapter_keys = {f"{name}.{key}" for name, _ in adapter_layers(model) for key in keys}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | adapter_keys
     model.save_pretrained = SavesAdaptersToo(model)
 
