@@ -34,8 +34,8 @@ namespace {
 
 // Built for the portable baseline and for x86-64-v3 (AVX2 + FMA), picked at load time (as in
 // score_ema.cpp). Unlike score_ema.cpp this op owes no bit-identity to separate torch multiplies
-// and adds (its sums run in its own order anyway), so here a multiply-add may fuse: the build's
-// -ffp-contract=off is lifted for this file, which doubles the arithmetic per instruction.
+// and adds (its sums run in its own order anyway), so here a multiply and an add may fuse into one
+// instruction (one rounding instead of two): the build's -ffp-contract=off is lifted for this file.
 #pragma GCC optimize("fp-contract=fast")
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__) && !defined(ELALORA_NO_TARGET_CLONES)
 #define ELALORA_AVX2_CLONE __attribute__((target_clones("arch=x86-64-v3", "default")))
