@@ -252,12 +252,15 @@ class ElaLoRALinear(nn.Module):
         out = elalora_kernels.adapter_add(
             y0.to(dtype),
             x.to(dtype),
-            self.lora_P[:, :r].to(dtype),  # autograd casts: gradients come back in float32
-            self.lora_lam[:r].to(dtype),
-            self.lora_Q[:r].to(dtype),
-            self.active[:r],
+            # float32 and full-size, the rank as a number (as for adapter_linear): the dispatch layer casts
+            # and slices where its backend needs it, the Triton kernels need neither
+            self.lora_P,
+            self.lora_lam,
+            self.lora_Q,
+            self.active,
             self.scale,
             self.lora_dropout if self.training else 0.0,
+            rank=r,
         )
         # bitsandbytes returns the input's dtype; under autocast the autocast dtype stands, as for nn.Linear
         return out if torch.is_autocast_enabled(x.device.type) else out.to(y0.dtype)

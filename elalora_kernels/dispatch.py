@@ -97,14 +97,19 @@ def adapter_linear(x, weight, bias, P, lam, Q, active, scale, dropout_p=0.0, ran
                           (active, scale, dropout_p, rank))
 
 
-def adapter_add(y0, x, P, lam, Q, active, scale, dropout_p=0.0):
+def adapter_add(y0, x, P, lam, Q, active, scale, dropout_p=0.0, rank=None):
     """``y0`` plus the adapter, for a base that ran as its own module (a quantized one).
 
-    The Triton backend has no adapter-only kernel yet: on CUDA it uses the torch-op
-    version (the ``torch`` backend's), which serves any device.
+    ``rank`` and P, λ, Q as for :func:`adapter_linear`: full-size, in any float dtype; the
+    adapter runs in x's dtype (the autocast dtype under autocast).
     """
-    op = getattr(_module(x.device), "adapter_add", None) or _LOADED["cpu"].adapter_add
-    return _autocast_call(op, x.device.type, (y0, x, P, lam, Q), (active, scale, dropout_p))
+    module = _module(x.device)
+    if getattr(module, "READS_PARAMETERS_IN_ANY_DTYPE", False):  # full-size, cast in its kernels: no slices, no casts
+        return _autocast_call(module.adapter_add, x.device.type, (y0, x), (P, lam, Q, active, scale, dropout_p, rank))
+    if rank is not None:
+        P, lam, Q, active = P[:, :rank], lam[:rank], Q[:rank], active[:rank]
+    P, lam, Q = (t.to(x.dtype) for t in (P, lam, Q))  # autograd casts: gradients come back in the parameters' dtype
+    return _autocast_call(module.adapter_add, x.device.type, (y0, x, P, lam, Q), (active, scale, dropout_p))
 
 
 def score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2) -> int:

@@ -4,13 +4,14 @@ Imported lazily by :mod:`elalora_kernels.dispatch` for CUDA tensors only (or
 when ``ELALORA_BACKEND=triton``). Under ``TRITON_INTERPRET=1`` the same kernels
 run on CPU tensors, which is how CI proves them without a GPU.
 
-* ``adapter_linear``   — fused adapter forward + hand-written backward (``adapter_linear.py``)
+* ``adapter_linear``   — fused adapter forward + hand-written backward (``adapter_linear.py``); ``adapter_add``,
+  its adapter-only mode for a base that runs as its own module (a quantized one)
 * ``score_ema_update`` — every adapter tensor in one launch (``score_ema.py``); ``LaunchPlan``, the
   allocator's per-step version of it
 * ``rank_scores``      — every matrix in one launch (``rank_scores.py``)
 * ``orth_penalty``     — every P and Q in one launch forward, one backward (``orth_penalty.py``)
 """
-from .adapter_linear import READS_PARAMETERS_IN_ANY_DTYPE, AdapterLinearFunction, adapter_linear
+from .adapter_linear import READS_PARAMETERS_IN_ANY_DTYPE, AdapterLinearFunction, adapter_add, adapter_linear
 from .orth_penalty import orth_penalty
 from .rank_scores import rank_scores
 from .score_ema import LaunchPlan, score_ema_update, score_ema_update_async
@@ -19,6 +20,7 @@ __all__ = [
     "READS_PARAMETERS_IN_ANY_DTYPE",
     "AdapterLinearFunction",
     "LaunchPlan",
+    "adapter_add",
     "adapter_linear",
     "orth_penalty",
     "rank_scores",

@@ -24,6 +24,13 @@ Backward (``g = ∂L/∂y``), cuBLAS ``g W0`` then three launches:
   ``dλ = s·active ⊙ Σ_n gp ⊙ xq``;
 * ``_tn`` for ``dQ = uᵀ x``.
 
+Adapter-only mode (``adapter_add``: no ``weight``, a base output ``y0`` computed
+by the base's own module, e.g. a bitsandbytes 4-bit or 8-bit layer): the
+forward kernel reads ``y0`` tiles and writes ``y0 + t Pᵀ`` into a new output of
+y0's dtype (still no N×out temporary); the backward has no base GEMM, so
+``_bwd_dx`` writes ``dx = u Q`` instead of adding it, and ``∂L/∂y0 = g`` lets
+the base's own backward add its part of x's gradient through autograd.
+
 Reductions over N (dP, dQ, dλ) are split over programs for parallelism; each
 program stores its float32 partial, and the last program to arrive at a tile
 (an atomic counter, reset by that program) sums the partials in a fixed order
@@ -139,13 +146,13 @@ def _store_rank_padded(
 # their specialisation (alignment of the big loads).
 @triton.jit(do_not_specialize=["N", "R", "stride_po", "TILES_PER_PROG"])
 def _fwd_kernel(
-    x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, y_ptr, xq_ptr,
+    x_ptr, q_ptr, lam_ptr, act_ptr, p_ptr, base_ptr, y_ptr, xq_ptr,
     N, IN, OUT, R,
-    stride_xn, stride_qr, stride_qk, stride_lam, stride_act, stride_po, stride_pr, stride_yn,
+    stride_xn, stride_qr, stride_qk, stride_lam, stride_act, stride_po, stride_pr, stride_basen, stride_yn,
     scale,
     TILES_PER_PROG,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, STORE_XQ: tl.constexpr, ACCUM: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, STORE_XQ: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -173,11 +180,9 @@ def _fwd_kernel(
         o_mask = os < OUT
         pt = tl.load(p_ptr + os[None, :] * stride_po + rr[:, None] * stride_pr, mask=r_mask[:, None] & o_mask[None, :], other=0.0)
         upd = _dot(t, _cast(pt, compute, UPCAST), None, IEEE, UPCAST)
-        y_ptrs = y_ptr + rows[:, None] * stride_yn + os[None, :]
         m = row_mask[:, None] & o_mask[None, :]
-        if ACCUM:
-            upd += tl.load(y_ptrs, mask=m, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, _cast(upd, y_ptr.dtype.element_ty, UPCAST), mask=m)
+        upd += tl.load(base_ptr + rows[:, None] * stride_basen + os[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * stride_yn + os[None, :], _cast(upd, y_ptr.dtype.element_ty, UPCAST), mask=m)
 
 
 @triton.jit(do_not_specialize=["N", "R", "R_MAX", "M_TILES", "stride_po", "TILES_PER_PROG"])
@@ -348,9 +353,10 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, r: int, y: Tensor,
+def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, r: int, base: Tensor, y: Tensor,
          store_xq: bool) -> Tensor | None:
-    """``y += s·((xa Qᵀ) ⊙ λ_eff) Pᵀ`` over slots [0, r), in place; returns ``xq = xa Qᵀ`` (float32 [N, r]) if asked."""
+    """``y = base + s·((xa Qᵀ) ⊙ λ_eff) Pᵀ`` over slots [0, r) (``base`` may be ``y``: in place); returns
+    ``xq = xa Qᵀ`` (float32 [N, r]) if asked."""
     _common.check_dtype_supported(xa.device, xa.dtype)
     n, k = xa.shape
     out = P.shape[0]
@@ -361,12 +367,13 @@ def _fwd(xa: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: f
     split, per = _split(m_tiles, triton.cdiv(out, bn), xa.device)
     xq = _common.empty((n, r), torch.float32, xa.device) if store_xq else y
     _fwd_kernel[(m_tiles, split)](
-        xa, Q, lam, active, P, y, xq,
+        xa, Q, lam, active, P, base, y, xq,
         n, k, out, r,
-        xa.stride(0), Q.stride(0), Q.stride(1), lam.stride(0), active.stride(0), P.stride(0), P.stride(1), y.stride(0),
+        xa.stride(0), Q.stride(0), Q.stride(1), lam.stride(0), active.stride(0), P.stride(0), P.stride(1),
+        base.stride(0), y.stride(0),
         float(scale), per,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
-        IEEE=_ieee(xa.dtype), UPCAST=_upcast(xa.dtype), STORE_XQ=store_xq, ACCUM=True,
+        IEEE=_ieee(xa.dtype), UPCAST=_upcast(xa.dtype), STORE_XQ=store_xq,
         num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
     return xq if store_xq else None
@@ -439,16 +446,24 @@ def _none_if_empty(t: Tensor) -> Tensor | None:
 
 @torch.library.custom_op("elalora::triton_adapter_fwd", mutates_args=())
 def _fwd_op(
-    x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+    x: Tensor, xd: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], y0: Optional[Tensor],
     P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float, r: int, store_xq: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(y = x W0ᵀ + bias + adapter over slots [0, r), xq = xₐ Qᵀ float32 [N, r] or an empty tensor unless ``store_xq``)."""
+    """(y = x W0ᵀ + bias + adapter over slots [0, r), xq = xₐ Qᵀ float32 [N, r] or an empty tensor unless ``store_xq``).
+
+    Adapter-only (``weight`` None): the base output is ``y0`` (row-contiguous), which the kernel reads and adds
+    to into a new ``y`` of its dtype.
+    """
     xa = x if xd is None else xd
     with _common.launch_guard(x.device):
-        y = F.linear(x, weight, bias).contiguous()
+        if weight is None:
+            base = y0
+            y = _common.empty(y0.shape, y0.dtype, y0.device)
+        else:
+            base = y = F.linear(x, weight, bias).contiguous()
         xq = _common.run_or_fall_back(
-            _key(x, r), lambda: _fwd(xa, P, lam, Q, active, scale, r, y, store_xq),
-            lambda: _fwd_torch(xa, P, lam, Q, active, scale, r, y, store_xq),
+            _key(x, r), lambda: _fwd(xa, P, lam, Q, active, scale, r, base, y, store_xq),
+            lambda: _fwd_torch(xa, P, lam, Q, active, scale, r, base, y, store_xq),
         )
     return y, xq if xq is not None else x.new_empty(0, dtype=torch.float32)
 
@@ -458,11 +473,11 @@ def _key(x: Tensor, r: int) -> tuple:
     return ("adapter_linear", x.dtype, rank_block(r))
 
 
-def _fwd_torch(xa, P, lam, Q, active, scale, r, y, store_xq) -> Tensor | None:
+def _fwd_torch(xa, P, lam, Q, active, scale, r, base, y, store_xq) -> Tensor | None:
     """``_fwd`` in torch ops (the fallback), fp32 accumulation like the kernel."""
     P, lam, Q, active = _slots(P, lam, Q, active, r, xa.dtype)
     xq = xa.float() @ Q.t()
-    y += (((xq * (lam * active)) * scale) @ P.t()).to(y.dtype)
+    torch.add(base, (((xq * (lam * active)) * scale) @ P.t()).to(y.dtype), out=y)
     return xq if store_xq else None
 
 
@@ -472,17 +487,21 @@ def _slots(P, lam, Q, active, r, dtype):
 
 
 @_fwd_op.register_fake
-def _(x, xd, weight, bias, P, lam, Q, active, scale, r, store_xq):
+def _(x, xd, weight, bias, y0, P, lam, Q, active, scale, r, store_xq):
     xq_shape = (x.shape[0], r) if store_xq else (0,)
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xq_shape, dtype=torch.float32)
+    y = x.new_empty(x.shape[0], weight.shape[0]) if weight is not None else y0.new_empty(y0.shape)
+    return y, x.new_empty(xq_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("elalora::triton_adapter_bwd", mutates_args=())
 def _bwd_op(
-    g: Tensor, x: Tensor, xd: Optional[Tensor], weight: Tensor, P: Tensor, lam: Tensor, Q: Tensor,
+    g: Tensor, x: Tensor, xd: Optional[Tensor], weight: Optional[Tensor], P: Tensor, lam: Tensor, Q: Tensor,
     active: Tensor, xq: Tensor, scale: float, need_x: bool, need_xd: bool, need_p: bool, need_lam: bool, need_q: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dxd, dP, dλ, dQ), each an empty tensor where not needed; dP, dλ, dQ full-size (slots [0, r), r = xq's width)."""
+    """(dx, dxd, dP, dλ, dQ), each an empty tensor where not needed; dP, dλ, dQ full-size (slots [0, r), r = xq's width).
+
+    Adapter-only (``weight`` None, and then ``xd`` None): dx is the adapter's part alone, written, not added.
+    """
     args = (g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q)
     with _common.launch_guard(g.device):
         grads = _common.run_or_fall_back(_key(g, xq.shape[1]), lambda: _bwd(*args), lambda: _bwd_torch(*args))
@@ -491,13 +510,13 @@ def _bwd_op(
 
 def _bwd(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, need_lam, need_q):
     dx = dxd = dP = dlam = dQ = None
-    if need_x:
-        dx = g @ weight  # cuBLAS; the adapter part is added in place below
+    if need_x:  # cuBLAS; the adapter part is added in place below (or written, with no base GEMM)
+        dx = g @ weight if weight is not None else _common.empty(x.shape, x.dtype, x.device)
     if need_p:
         dP = _tn(g, xq, lam, active, scale, P, out_t=False)
     if need_xd or need_lam or need_q or (need_x and xd is None):
         if xd is None:
-            target, accum = (dx, True) if need_x else (None, False)
+            target, accum = (dx, weight is not None) if need_x else (None, False)
         else:
             dxd = _common.empty(xd.shape, xd.dtype, xd.device) if need_xd else None
             target, accum = dxd, False
@@ -515,7 +534,9 @@ def _bwd_torch(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, 
     coef = lamr * act
     dz = (g.float() @ Pr) * scale  # ∂L/∂(xq ⊙ λ_eff)
     u = dz * coef  # ∂L/∂xq
-    dx = g @ weight if need_x else None
+    dx = None
+    if need_x:
+        dx = g @ weight if weight is not None else torch.zeros_like(x)
     if need_x and xd is None:
         dx += (u @ Qr).to(dx.dtype)
     dxd = (u @ Qr).to(xd.dtype) if need_xd else None
@@ -541,11 +562,15 @@ def _(g, x, xd, weight, P, lam, Q, active, xq, scale, need_x, need_xd, need_p, n
 
 
 class AdapterLinearFunction(torch.autograd.Function):
-    """Base GEMM (cuBLAS) + fused adapter over slots [0, r); inputs are 2-D. ``xd`` is dropout(x) or None."""
+    """Base GEMM (cuBLAS) + fused adapter over slots [0, r); inputs are 2-D. ``xd`` is dropout(x) or None.
+
+    With ``weight`` None the base output is ``y0``, computed elsewhere (a quantized base, whose own backward
+    gives x its part of the gradient through ``∂L/∂y0 = g``); ``xd`` is then None (x is the adapter's input).
+    """
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale, r):
-        y, xq = _fwd_op(x, xd, weight, bias, P, lam, Q, active, scale, r, True)
+    def forward(ctx, x, xd, weight, bias, P, lam, Q, active, scale, r, y0=None):
+        y, xq = _fwd_op(x, xd, weight, bias, y0, P, lam, Q, active, scale, r, True)
         ctx.save_for_backward(x, xd, weight, P, lam, Q, active, xq)
         ctx.scale = scale
         return y
@@ -559,7 +584,8 @@ class AdapterLinearFunction(torch.autograd.Function):
         dx, dxd, dP, dlam, dQ = (_none_if_empty(t) for t in grads)
         dw = g.t() @ x if need_w else None
         db = g.sum(0) if need_b else None
-        return dx, dxd, dw, db, dP, dlam, dQ, None, None, None
+        dy0 = g if ctx.needs_input_grad[10] else None
+        return dx, dxd, dw, db, dP, dlam, dQ, None, None, None, dy0
 
 
 # --------------------------------------------------------------------------- public op
@@ -586,26 +612,46 @@ def adapter_linear(
     and their gradients come back in it, full-size.
     """
     check_device(x, weight, bias, P, lam, Q, active)
+    return _adapter(x, weight, bias, None, P, lam, Q, active, scale, dropout_p, rank)
+
+
+def adapter_add(y0: Tensor, x: Tensor, P: Tensor, lam: Tensor, Q: Tensor, active: Tensor, scale: float,
+                dropout_p: float = 0.0, rank: int | None = None) -> Tensor:
+    """``reference.adapter_add`` with the Triton adapter kernels: ``y0`` (a quantized base's output) plus the
+    adapter, in y0's dtype, with no N×out temporary; ``rank`` and the parameters' dtype as in :func:`adapter_linear`.
+
+    The backward gives x the adapter's part of its gradient only (no base GEMM): the base's own backward adds
+    its part through ``∂L/∂y0``.
+    """
+    check_device(y0, x, P, lam, Q, active)
+    return _adapter(x, None, None, y0, P, lam, Q, active, scale, dropout_p, rank)
+
+
+def _rows(t: Tensor | None) -> Tensor | None:
+    """``t`` as a 2-D [rows, features] tensor with unit feature stride, as the kernels read it."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def _adapter(x, weight, bias, y0, P, lam, Q, active, scale, dropout_p, rank) -> Tensor:
+    """``adapter_linear`` (``weight`` given) or ``adapter_add`` (``y0`` given)."""
     check_rank(P.shape[1])
     r = P.shape[1] if rank is None else int(rank)
     xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None  # first, as the reference does
-    in_features = x.shape[-1]
+    if weight is None and xd is not None:  # no base GEMM reads x: dropout's own backward takes x's gradient
+        x, xd = xd, None
     lead = x.shape[:-1]
     out_features = P.shape[0]
     if x.numel() == 0 or r == 0:  # nothing to fuse
         P, lam, Q, active = P[:, :r].to(x.dtype), lam[:r].to(x.dtype), Q[:r].to(x.dtype), active[:r]
-        return F.linear(x, weight, bias) + scale * (((x if xd is None else xd) @ Q.t()) * (lam * active.to(lam.dtype))) @ P.t()
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    xd2 = None
-    if xd is not None:
-        xd2 = xd.reshape(-1, in_features)
-        if xd2.stride(1) != 1:
-            xd2 = xd2.contiguous()
-    tensors = (x2, xd2, weight, bias, P, lam, Q)
+        base = F.linear(x, weight, bias) if weight is not None else y0
+        return base + scale * (((x if xd is None else xd) @ Q.t()) * (lam * active.to(lam.dtype))) @ P.t()
+    x2, xd2, y02 = _rows(x), _rows(xd), _rows(y0)
+    tensors = (x2, xd2, weight, bias, y02, P, lam, Q)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y = AdapterLinearFunction.apply(x2, xd2, weight, bias, P, lam, Q, active, float(scale), r)
+        y = AdapterLinearFunction.apply(x2, xd2, weight, bias, P, lam, Q, active, float(scale), r, y02)
     else:
-        y, _ = _fwd_op(x2, xd2, weight, bias, P, lam, Q, active, float(scale), r, False)
+        y, _ = _fwd_op(x2, xd2, weight, bias, y02, P, lam, Q, active, float(scale), r, False)
     return y.reshape(*lead, out_features)

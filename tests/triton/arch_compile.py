@@ -44,10 +44,11 @@ ROW_COUNTS = (1, 8192)  # N <= 16 and large N: the row tile is the only thing N 
 def signatures(p: str, w: str) -> dict:
     """Kernel signatures with compute-dtype pointers ``p`` and parameter (P, λ, Q) pointers ``w``."""
     return {
-        "fwd": {"x_ptr": p, "q_ptr": w, "lam_ptr": w, "act_ptr": "*i1", "p_ptr": w, "y_ptr": p, "xq_ptr": "*fp32",
-                "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "stride_xn": "i32", "stride_qr": "i32",
-                "stride_qk": "i32", "stride_lam": "i32", "stride_act": "i32", "stride_po": "i32", "stride_pr": "i32",
-                "stride_yn": "i32", "scale": "fp32", "TILES_PER_PROG": "i32"},
+        "fwd": {"x_ptr": p, "q_ptr": w, "lam_ptr": w, "act_ptr": "*i1", "p_ptr": w, "base_ptr": p, "y_ptr": p,
+                "xq_ptr": "*fp32", "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "stride_xn": "i32",
+                "stride_qr": "i32", "stride_qk": "i32", "stride_lam": "i32", "stride_act": "i32", "stride_po": "i32",
+                "stride_pr": "i32", "stride_basen": "i32", "stride_yn": "i32", "scale": "fp32",
+                "TILES_PER_PROG": "i32"},
         "bwd dx": {"g_ptr": p, "p_ptr": w, "q_ptr": w, "lam_ptr": w, "act_ptr": "*i1", "xq_ptr": "*fp32",
                    "u_ptr": "*fp32", "dlam_part_ptr": "*fp32", "counter_ptr": "*i32", "dlam_ptr": w, "dx_ptr": p,
                    "N": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "R_MAX": "i32", "M_TILES": "i32",
@@ -78,9 +79,11 @@ def jobs():
                     tiles = (("BLOCK_M", bm), ("BLOCK_K", bk), ("BLOCK_N", bn), ("BLOCK_R", br))
                     opts = (("num_warps", warps), ("num_stages", stages))
                     out.add((arch, f"adapter fwd {dt} BLOCK_R={br} BLOCK_M={bm}", "fwd", dt,
-                             tiles + common + (("STORE_XQ", True), ("ACCUM", True)), opts, ("x_ptr", "y_ptr", "xq_ptr")))
-                    out.add((arch, f"adapter bwd dx {dt} BLOCK_R={br} BLOCK_M={bm}", "bwd dx", dt,
-                             tiles + common + (("WRITE_DX", True), ("ACCUM", True)), opts, ("g_ptr", "dx_ptr")))
+                             tiles + common + (("STORE_XQ", True),), opts, ("x_ptr", "base_ptr", "y_ptr", "xq_ptr")))
+                    # dx: added into g·W0 (adapter_linear), or the adapter's alone (adapter_add, dropout's dxd)
+                    for accum in (True, False):
+                        out.add((arch, f"adapter bwd dx {dt} BLOCK_R={br} BLOCK_M={bm} ACCUM={accum}", "bwd dx", dt,
+                                 tiles + common + (("WRITE_DX", True), ("ACCUM", accum)), opts, ("g_ptr", "dx_ptr")))
                 bc, bnn, warps, stages = al._blocks_tn(br, ELEM[compute], shared)
                 for scale_b in (True, False):
                     out.add((arch, f"adapter tn {dt} BLOCK_R={br} SCALE_B={scale_b}", "tn", dt,

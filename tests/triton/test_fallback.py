@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -53,13 +54,27 @@ def _fwd_bwd(op, tensors, dropout_p=0.0):
     return (y,) + grads
 
 
+def _on_separate_base(adapter_add):
+    """adapter_linear's signature over ``adapter_add``: the base output comes from its own module, as a
+    quantized base's does (here F.linear, whose backward gives x the base's part of its gradient)."""
+    return lambda x, W, b, *rest: adapter_add(F.linear(x, W, b), x, *rest)
+
+
+ENTRIES = {
+    "adapter_linear": (reference.adapter_linear, tk.adapter_linear),
+    "adapter_add": (_on_separate_base(reference.adapter_add), _on_separate_base(tk.adapter_add)),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_adapter_falls_back_with_one_warning_naming_the_cause(device, compile_fails, dropout_p):
+def test_adapter_falls_back_with_one_warning_naming_the_cause(device, compile_fails, dropout_p, entry):
     tensors = _adapter(device)
-    want = _fwd_bwd(reference.adapter_linear, tensors, dropout_p)
+    oracle, op = ENTRIES[entry]
+    want = _fwd_bwd(oracle, tensors, dropout_p)
     with pytest.warns(KernelFallbackWarning) as caught:
-        got = _fwd_bwd(tk.adapter_linear, tensors, dropout_p)
-        again = _fwd_bwd(tk.adapter_linear, tensors, dropout_p)
+        got = _fwd_bwd(op, tensors, dropout_p)
+        again = _fwd_bwd(op, tensors, dropout_p)
     assert len(caught) == 1, [str(w.message) for w in caught]
     message = str(caught[0].message)
     assert "adapter_linear" in message and "OutOfResources" in message and "shared memory" in message

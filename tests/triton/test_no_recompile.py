@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.subprocess
 def test_rank_and_batch_changes_compile_each_kernel_once():
     """Launch keys (what decides a compilation) across 4 batch sizes x 4 ranks of one rank block, sm_90 target,
-    with and without autocast."""
+    with and without autocast, and for the adapter alone on a base output (adapter_add)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "triton" / "count_compiles.py")],
@@ -32,7 +32,7 @@ def test_rank_and_batch_changes_compile_each_kernel_once():
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     # _tn runs in two configurations (dP with the λ scaling, dQ without): two keys, never more
     once = {"_fwd_kernel": 1, "_bwd_dx_kernel": 1, "_tn_kernel": 2}
-    assert counts == {"plain": once, "bf16 autocast": once}
+    assert counts == {"plain": once, "bf16 autocast": once, "adapter_add": once}
 
 
 @pytest.mark.slow
