@@ -316,7 +316,8 @@ def time_adapter(n, d, r, dtype, autocast=None, contenders=ADAPTER_CONTENDERS, b
 
 def time_nf4_adapter(n, d, r, dtype):
     """Forward+backward of one layer on a bitsandbytes NF4 base (QLoRA; compute dtype ``dtype``): the base
-    alone, ElaLoRA (the base computes y0, the adapter op adds in) and PEFT LoRA's bnb layer, at the same r."""
+    alone, ElaLoRA (the base computes y0, the Triton adapter_add kernels add the adapter in) and PEFT LoRA's bnb
+    layer, at the same r."""
     sec = "adapter fwd+bwd, NF4 base"
     try:
         import bitsandbytes as bnb
@@ -345,8 +346,9 @@ def time_nf4_adapter(n, d, r, dtype):
 
     ms_base, h_base = timed(fb(nf4_base(0)))
     row(sec, f"bitsandbytes NF4 base alone {tag}", ms_base, h_base)
-    for name, layer in (("ElaLoRA", elalora_layer), ("PEFT LoRA (QLoRA)", peft_layer)):
-        ms, h = timed(fb(layer))
+    for name, layer in (("ElaLoRA (triton)", elalora_layer), ("PEFT LoRA (QLoRA)", peft_layer)):
+        with use_backend("triton"):  # ElaLoRA's adapter: the Triton kernels' adapter-only mode (PEFT's: its own)
+            ms, h = timed(fb(layer))
         row(sec, f"{name} {tag}", ms, h, x_base=ms / ms_base)
 
 

@@ -48,6 +48,9 @@ def test_gpu_check_on_an_offline_machine_runs_the_smoke_benchmark(tmp_path):
     names = " ".join(row["name"] for row in results["timings"])
     for baseline in ("PEFT LoRA", "PEFT AdaLoRA", "device copy", "_foreach_", "eager per-tensor", "prebuilt launch plan"):
         assert baseline in names, baseline
+    nf4 = [row["name"] for row in results["timings"] if row["section"] == "adapter fwd+bwd, NF4 base"]
+    if importlib.util.find_spec("bitsandbytes") and importlib.util.find_spec("peft"):  # the 4-bit row: Triton's
+        assert any(name.startswith("ElaLoRA (triton)") for name in nf4), nf4  # adapter_add
     assert (tmp_path / "table.md").read_text().startswith("results (")
     assert results["complete"] and not results["failed_tasks"] and not results["skipped_tasks"]
     assert not list(tmp_path.glob("*.tmp")), "a results file was left half-written"
