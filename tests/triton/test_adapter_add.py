@@ -98,17 +98,22 @@ def test_compiled_adapter_add_traces_one_graph(device):
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_layer_on_a_4bit_base_matches_the_reference_backend(device, compute, monkeypatch):
-    """The whole layer on a bitsandbytes NF4 base: the base's output and its share of dx come from bitsandbytes
+@pytest.mark.parametrize("kind,compute", [("nf4", torch.float32), ("nf4", torch.bfloat16), ("int8", torch.float32)],
+                         ids=["nf4-fp32", "nf4-bf16", "int8"])
+def test_layer_on_a_quantized_base_matches_the_reference_backend(device, kind, compute, monkeypatch):
+    """The whole layer on a bitsandbytes base: the base's output and its share of dx come from bitsandbytes
     in both runs; the adapter from the Triton kernels or from reference.adapter_add."""
     bnb = pytest.importorskip("bitsandbytes")
     from elalora import ElaLoRALinear
 
     monkeypatch.setattr("elalora.layer._warned_no_allocator", True)  # no allocator here, on purpose
     torch.manual_seed(0)
-    base = bnb.nn.Linear4bit(D_IN, D_OUT, compute_dtype=compute, quant_type="nf4").to(device)  # moving quantizes
+    if kind == "int8":
+        base = bnb.nn.Linear8bitLt(D_IN, D_OUT, has_fp16_weights=False).to(device)  # moving quantizes
+    else:
+        base = bnb.nn.Linear4bit(D_IN, D_OUT, compute_dtype=compute, quant_type=kind).to(device)
     layer = ElaLoRALinear.from_linear(base, r=5, r_max=R_MAX)
+    assert layer.quantization == kind  # the layer's adapter_add path
     with torch.no_grad():
         layer.lora_P.normal_(0, 0.3)
     layer.set_active_rank(3)
