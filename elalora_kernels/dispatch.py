@@ -46,6 +46,8 @@ def set_backend(name: str | None) -> None:
     """Force backend ``name`` for every op, or ``None`` to choose by device again."""
     global _forced
     _forced = None if name is None else _checked(name)
+    if _forced is not None:
+        _load(_PACKAGE_OF[_forced])  # now, not on a first call that torch.compile may be tracing
 
 
 @contextlib.contextmanager
@@ -68,11 +70,14 @@ def backend_for(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _TRITON_INSTALLED else "torch"
 
 
-def _module(device: torch.device) -> ModuleType:
-    package = _PACKAGE_OF[backend_for(device)]
+def _load(package: str) -> ModuleType:
     if package not in _LOADED:  # Triton kernels import only when first needed
         _LOADED[package] = importlib.import_module(f"elalora_kernels.{package}")
     return _LOADED[package]
+
+
+def _module(device: torch.device) -> ModuleType:
+    return _load(_PACKAGE_OF[backend_for(device)])
 
 
 def _autocast_call(op, device_type: str, tensors: tuple, rest: tuple):
