@@ -20,7 +20,9 @@ def _gpu_check(tmp_path, tests: str, bench_args: str) -> subprocess.CompletedPro
     """``make gpu-check PY=<this python>`` as on an offline GPU node: no index (pip would fail at once),
     no .venv (VENV points at a path that must stay absent), an inherited TRITON_INTERPRET=1 (cleared)."""
     # not the variables of a make that runs this suite (`make test PYTEST_ARGS=-q` would pass its -q on)
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV")}
+    # (make also exports its command-line variables to the environment: PYTEST_ARGS would arrive that way)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV", "PYTEST_ARGS")}
     env.update(PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple", TRITON_INTERPRET="1")
     return subprocess.run(
         ["make", "gpu-check", f"PY={sys.executable}", f"VENV={tmp_path / 'venv'}", f"GPU_CHECK_TESTS={tests}",
