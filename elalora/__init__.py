@@ -5,7 +5,7 @@
     loss = task_loss + allocator.orth_penalty()
     ...; optimizer.step(); allocator.step(); optimizer.zero_grad()
 """
-from .allocator import RankAllocator, RoundRecord, StepInfo
+from .allocator import RankAllocator
 from .config import ElaLoRAConfig
 from .disable import disable_adapters
 from .export import export_peft_lora
@@ -13,8 +13,6 @@ from .io import AdapterLoadError, load_adapter, save_adapter
 from .layer import ElaLoRALinear, NoAllocatorWarning
 from .model import adapted_names, adapter_layers, inject, merge, merge_and_unload, print_trainable_parameters, unmerge
 from .pretrained import from_pretrained, save_pretrained
-from .reallocation import RoundPlan, plan_round
-from .regularizer import orth_penalty
 
 __all__ = [
     "AdapterLoadError",
@@ -27,9 +25,6 @@ __all__ = [
     "ElaLoRALinear",
     "disable_adapters",
     "RankAllocator",
-    "RoundPlan",
-    "RoundRecord",
-    "StepInfo",
     "NoAllocatorWarning",
     "adapted_names",
     "adapter_layers",
@@ -37,8 +32,6 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "print_trainable_parameters",
-    "orth_penalty",
-    "plan_round",
     "unmerge",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from elalora import plan_round
+from elalora.reallocation import plan_round
 
 
 def test_pool_takes_k_weakest_per_matrix_and_prunes_b_smallest():

@@ -12,7 +12,9 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
 import elalora  # noqa: E402
-from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, inject, orth_penalty, plan_round  # noqa: E402
+from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, inject  # noqa: E402
+from elalora.reallocation import plan_round  # noqa: E402
+from elalora.regularizer import orth_penalty  # noqa: E402
 
 
 def _layer():

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
-from elalora import RankAllocator, plan_round  # noqa: E402
+from elalora import RankAllocator  # noqa: E402
+from elalora.reallocation import plan_round  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: two threads crawl on a busy machine
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, plan_round  # noqa: E402
+from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator  # noqa: E402
+from elalora.reallocation import plan_round  # noqa: E402
 
 def fast(n: int):
     return settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, max_examples=n)
