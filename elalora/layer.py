@@ -226,19 +226,7 @@ class ElaLoRALinear(nn.Module):
         if self.quantization is not None:  # y0 = base(x), then the adapter op adds in
             out = self._add_adapter(self.base_layer(x), x, r)
         else:
-            # full-size parameters and the rank as a number: no slice on the autograd path
-            out = elalora_kernels.adapter_linear(
-                x,
-                self.base_weight,
-                self.bias,
-                self.lora_P,
-                self.lora_lam,
-                self.lora_Q,
-                self.active,
-                self.scale,
-                self.lora_dropout if self.training else 0.0,
-                rank=r,
-            )
+            out = elalora_kernels.adapter_linear(x, self.base_weight, self.bias, *self._adapter_operands(), rank=r)
         # Eager only, and tested first: a tensor hook inside a compiled graph would break fullgraph=True, and a
         # compiled forward that read the flag would be guarded on it and recompile once the warning had fired.
         if not torch.compiler.is_compiling() and self.training and not self.has_allocator and not _warned_no_allocator:
@@ -246,22 +234,17 @@ class ElaLoRALinear(nn.Module):
                 out.register_hook(_warn_no_allocator)
         return out
 
+    def _adapter_operands(self) -> tuple:
+        """(P, λ, Q, active, scale, dropout p) for either kernel entry point: full-size float32 slots, with the
+        rank passed as a number beside them, so that nothing is sliced on the autograd path; the dispatch layer
+        casts and slices where its backend needs it, the Triton kernels need neither."""
+        return (self.lora_P, self.lora_lam, self.lora_Q, self.active, self.scale,
+                self.lora_dropout if self.training else 0.0)
+
     def _add_adapter(self, y0: Tensor, x: Tensor, r: int) -> Tensor:
         """``y0`` (a quantized base's output) plus the adapter, computed in the base's compute dtype."""
         dtype = quantized.compute_dtype(self.base_layer, x)
-        out = elalora_kernels.adapter_add(
-            y0.to(dtype),
-            x.to(dtype),
-            # float32 and full-size, the rank as a number (as for adapter_linear): the dispatch layer casts
-            # and slices where its backend needs it, the Triton kernels need neither
-            self.lora_P,
-            self.lora_lam,
-            self.lora_Q,
-            self.active,
-            self.scale,
-            self.lora_dropout if self.training else 0.0,
-            rank=r,
-        )
+        out = elalora_kernels.adapter_add(y0.to(dtype), x.to(dtype), *self._adapter_operands(), rank=r)
         # bitsandbytes returns the input's dtype; under autocast the autocast dtype stands, as for nn.Linear
         return out if torch.is_autocast_enabled(x.device.type) else out.to(y0.dtype)
 
