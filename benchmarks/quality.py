@@ -558,6 +558,13 @@ def t_interval(diffs: list[float]) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def headline_failures(rows: list[dict], task: str, r: int, methods) -> str:
+    """The seeds at which a headline arm did not learn (on validation), e.g. 'LoRA (peft) s5'."""
+    out = [f"{NAMES[m]} s{row['seed']}" for m in methods for row in rows if cell(row) == (task, r, m)
+           and row["lr"] == headline_lr(rows, task, r, m) and not learned_on_val(row)]
+    return ", ".join(out) or "none"
+
+
 def headline_pairs(rows: list[dict], task: str, r: int, method: str, against: str) -> list[float]:
     """``method`` − ``against``, test accuracy, per seed at the headline lrs; seeds where either did not learn (on
     validation) are left out."""
@@ -585,15 +592,19 @@ def headline(rows: list[dict]) -> list[str]:
              "dropout is 0 in every method, so nothing else is drawn). Interval: Student's t over seeds "
              "(mean ± t₀.₉₇₅ · sd / √n). Every arm runs at the lr its method picked on validation; reallocation off "
              "runs at the default's lr, so that only the rank movement differs.", "",
-             "| difference | task | lrs | mean | 95% interval | seeds ahead |", "|---|---|---|---|---|---|"]
+             "A seed where either arm did not learn (it ended at the majority class on validation) is left out of the "
+             "pair and named in the last column.", "",
+             "| difference | task | lrs | mean | 95% interval | seeds ahead | did not learn |",
+             "|---|---|---|---|---|---|---|"]
     for method, against in HEADLINE_PAIRS:
         pooled = []
         for task, r in HEADLINE_CELLS:
             diffs = headline_pairs(rows, task, r, method, against)
             pooled += diffs
             lrs = " / ".join(f"{headline_lr(rows, task, r, m) or float('nan'):g}" for m in (method, against))
-            lines.append(f"| {NAMES[method]} − {NAMES[against]} | {task} | {lrs} | {interval_cells(diffs)} |")
-        lines.append(f"| {NAMES[method]} − {NAMES[against]} | both (pooled seeds) | | {interval_cells(pooled)} |")
+            lines.append(f"| {NAMES[method]} − {NAMES[against]} | {task} | {lrs} | {interval_cells(diffs)} | "
+                         f"{headline_failures(rows, task, r, (method, against))} |")
+        lines.append(f"| {NAMES[method]} − {NAMES[against]} | both (pooled seeds) | | {interval_cells(pooled)} | |")
     return lines
 
 

@@ -177,7 +177,7 @@ def test_headline_pairs_run_reallocation_off_at_the_defaults_lr_and_report_a_t_i
     assert [round(d, 3) for d in diffs] == [0.0, 0.01, 0.03, 0.0]
     low_ci, high_ci = quality.t_interval(diffs)
     assert round(high_ci - 0.01, 5) == round(0.01 - low_ci, 5) == round(3.182 * 0.014142 / 2, 5)
-    assert "| +1.00 | [-1.25, +3.25] | 2/4 |" in "\n".join(quality.headline(rows))
+    assert "| +1.00 | [-1.25, +3.25] | 2/4 | none |" in "\n".join(quality.headline(rows))
 
 
 def test_the_long_cell_reports_one_seeds_final_rank_per_layer_and_its_rounds():
