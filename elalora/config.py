@@ -114,7 +114,7 @@ class ElaLoRAConfig:
       total_steps [None]: optimizer steps T of the run. May stay None when
           RankAllocator is given it (the Trainer callback passes the
           Trainer's). t_init + t_final < total_steps is required.
-      t_init [round(0.15·T); 300 of ~2,500 on RTE]: warm-up, t ≤ t_init:
+      t_init [round(0.15·T); 300 on RTE]: warm-up, t ≤ t_init:
           scores accumulate, ranks stay.
       t_final [round(0.25·T); 500 on RTE]: the last t_final steps: ranks
           frozen, scores no longer updated.
