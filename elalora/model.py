@@ -181,6 +181,7 @@ def inject(model: nn.Module, config: ElaLoRAConfig) -> nn.Module:
         )
         setattr(parent, child, layer)
     keep_inputs_differentiable(model)
+    quantized.keep_trainable_layout(model)
     if getattr(model, "is_quantized", False):
         # transformers.Trainer refuses a quantized model unless it carries adapters, which this flag says
         # (transformers.trainer_utils.validate_quantization_for_training); PEFT's load_adapter sets it too.

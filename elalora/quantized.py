@@ -120,6 +120,26 @@ def unpack_cpu_weights(model: nn.Module) -> None:
             )
 
 
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Keep every 4-bit weight of ``model`` in the layout bitsandbytes can train through, in place.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight
+    for an inference kernel at its first no-grad eval forward, and a training
+    forward on the repacked weight fails (``a view of a leaf Variable that
+    requires grad ...``): every evaluation in the middle of a fine-tune would
+    break the next step. The repack is switched off on every 4-bit layer of the
+    model, adapted or not (the price: 4-bit inference on CPU takes bitsandbytes'
+    training path), and weights already repacked go back to the standard layout.
+    """
+    bnb_nn = _bnb_nn()
+    if bnb_nn is None:
+        return
+    unpack_cpu_weights(model)
+    for module in model.modules():
+        if isinstance(module, bnb_nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def base_dtype(base: nn.Module) -> torch.dtype:
     """The float dtype a dequantised copy of ``base`` takes: its bias's, else its compute dtype, else float32."""
     if base.bias is not None:

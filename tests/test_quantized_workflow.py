@@ -56,7 +56,11 @@ def batch(n=8, seed=0):
 
 
 def adapted(checkpoint, kind, trained=True):
-    model = elalora.inject(load(checkpoint, kind), ela_config())
+    return adapted_base(load(checkpoint, kind), trained)
+
+
+def adapted_base(base, trained=True):
+    model = elalora.inject(base, ela_config())
     if trained:  # nonzero adapters, as after training
         with torch.no_grad():
             for _, layer in elalora.adapter_layers(model):
@@ -119,6 +123,32 @@ def test_prepare_model_for_kbit_training_is_optional(checkpoint, kind):
         torch.testing.assert_close(theirs[name], ours[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_an_evaluation_does_not_change_the_next_training_step(checkpoint, kind):
+    """On an AVX512-BF16 CPU, bitsandbytes repacks a 4-bit weight for inference at a no-grad eval forward, a
+    layout that cannot train: an evaluation between steps must leave the next step exactly as it was."""
+    expected = _one_step_grads(adapted(checkpoint, kind))
+    model = adapted(checkpoint, kind)
+    logits(model)
+    got = _one_step_grads(model)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_a_base_evaluated_before_inject_trains(checkpoint, kind):
+    """A base already repacked by an evaluation goes back to bitsandbytes' standard layout at inject and trains
+    (bitsandbytes' own inverse rounds the block scales, so the step is not compared bit for bit)."""
+    base = load(checkpoint, kind).eval()
+    logits(base)
+    model = adapted_base(base)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) or m.support_avx512bf16_for_cpu
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    grads = _one_step_grads(model)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert all(grads[n].abs().sum() > 0 for n in grads if n.endswith(("lora_P", "lora_Q")))
+
+
 def test_bf16_autocast_step_keeps_float32_state(checkpoint):
     model = elalora.inject(load(checkpoint, "nf4"), ela_config())
     grads = _one_step_grads(model, autocast=True)
@@ -135,7 +165,10 @@ def test_save_and_load_onto_a_fresh_quantized_base_is_exact(checkpoint, kind, tm
 
     # the PEFT LoRA adapter in the same directory, onto the same quantized base
     peft_model = peft.PeftModel.from_pretrained(load(checkpoint, kind), tmp_path / "adapter").eval()
-    base = logits(load(checkpoint, kind).eval())
+    base = load(checkpoint, kind).eval()
+    for other in (peft_model, base):  # the bitsandbytes kernel elalora keeps (its inference repack rounds)
+        elalora.quantized.keep_trainable_layout(other)
+    base = logits(base)
     adapter_effect = (logits(model) - base).abs().max()
     torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-3 * adapter_effect)
 
