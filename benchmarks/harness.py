@@ -20,6 +20,8 @@ import torch.nn as nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from elalora.quantized import keep_trainable_layout
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
 TASKS = {"movies": DATA_DIR / "movieReviewSnippets_GroundTruth.txt", "tweets": DATA_DIR / "tweets_GroundTruth.txt"}
@@ -117,13 +119,30 @@ def load_task(task: str, n_val: int, n_test: int) -> dict[str, Encoded]:
     return {name: encode(getattr(parts, name), tokenizer) for name in ("train", "val", "test")}
 
 
-def load_model(seed: int) -> nn.Module:
-    """MiniLM-L6 with a fresh 2-way classification head (its init drawn from ``seed``)."""
+def load_model(seed: int, base: Optional[str] = None) -> nn.Module:
+    """MiniLM-L6 with a fresh 2-way classification head (its init drawn from ``seed``).
+
+    ``base="nf4"`` loads the encoder's linear layers in 4-bit NF4 through bitsandbytes (QLoRA's base, float32
+    compute); the head stays float32 and, for the same seed, starts from the same values as on the float base.
+    """
     torch.manual_seed(seed)
+    extra = {}
+    if base == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=["classifier"])
+    elif base is not None:
+        raise ValueError(f"base={base!r}: only None (float32) and 'nf4' are studied")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
     try:
-        return AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2, local_files_only=True,
+                                                                   **extra)
+        # bitsandbytes' CPU inference repack breaks training after an evaluation, PEFT's too: off for every method
+        keep_trainable_layout(model)
+        return model
     finally:
         hf_logging.set_verbosity(verbosity)
 

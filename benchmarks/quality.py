@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from elalora import ElaLoRAConfig, RankAllocator, inject
 
@@ -96,6 +96,11 @@ HEADLINE_SEEDS = tuple(range(10))
 # its headline lr from the 250-step grid (picked there on validation).
 LONG = dict(SETUP, steps=750, eval_at=(50, 125, 250, 375, 500, 625, 750))
 LONG_CELL = ("movies", 2)
+# On a 4-bit base (QLoRA): the default against PEFT LoRA on the same NF4 base, 3 seeds, each lr picked on
+# validation at seed 0 as in the grid. Its rows carry base="nf4" in their setup and are kept apart.
+QUANT = dict(SETUP, base="nf4")
+QUANT_CELL = ("movies", 8)
+QUANT_METHODS = (DEFAULT, "lora")
 
 
 # ------------------------------------------------------------------ one run
@@ -106,12 +111,15 @@ class Run:
     allocator: Optional[RankAllocator] = None
 
 
-def build(method: str, r: int, seed: int, steps: int) -> Run:
-    """Load the model with a fresh head (drawn from ``seed``) and wrap it for ``method``."""
-    model = harness.load_model(seed)
+def build(method: str, r: int, seed: int, steps: int, base: Optional[str] = None) -> Run:
+    """Load the model with a fresh head (drawn from ``seed``), on a float32 or 4-bit ``base``, and wrap it for
+    ``method``."""
+    model = harness.load_model(seed, base)
     schedule = ElaLoRAConfig(r=r).for_run(steps)  # the library's default schedule for a run of this length
     if method == "lora":
         cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGETS))
+        if base is not None:  # QLoRA as PEFT documents it (its defaults: gradient checkpointing on)
+            model = prepare_model_for_kbit_training(model)
         run = Run(get_peft_model(model, cfg))
     elif method == "adalora":
         cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=math.ceil(1.5 * r), target_r=r, lora_alpha=2 * r,
@@ -147,8 +155,10 @@ def loss_beyond_task_loss(model: torch.nn.Module, batch: dict) -> float:
 def run_one(spec: dict, data: dict, setup: dict) -> dict:
     task, method, r, lr, seed = (spec[k] for k in ("task", "method", "r", "lr", "seed"))
     torch.manual_seed(seed)
-    run = build(method, r, seed, setup["steps"])
+    run = build(method, r, seed, setup["steps"], setup.get("base"))
     row = dict(spec)
+    if setup.get("base"):
+        row["adapted_layer_types"] = adapted_layer_types(run.model)
     if method in ("lora", "adalora"):
         first = data["train"].batch(torch.arange(min(32, len(data["train"]))))
         with torch.no_grad():
@@ -173,6 +183,16 @@ def run_one(spec: dict, data: dict, setup: dict) -> dict:
     if run.allocator is not None:
         row.update(capacity_record(run.allocator, r))
     return row
+
+
+def adapted_layer_types(model: torch.nn.Module) -> list[str]:
+    """The classes of the adapted layers (PEFT's bitsandbytes LoRA layers on a 4-bit base), checked to sit on
+    bitsandbytes ``Linear4bit`` bases: a method that silently fell back to a float base would not be QLoRA."""
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A") or hasattr(m, "active_rank")]
+    names = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in adapted})
+    if not adapted or any(type(getattr(m, "base_layer", None)).__name__ != "Linear4bit" for m in adapted):
+        raise RuntimeError(f"not every adapted layer sits on a 4-bit base: {names}")
+    return names
 
 
 def split_evenly(values: list, parts: int) -> list[list]:
@@ -267,12 +287,12 @@ def headline_specs(lr_rows: list[dict], task: str, r: int, seeds, methods=HEADLI
     return [dict(task=task, r=r, method=m, lr=lr, seed=s) for s in seeds for m, lr in lrs.items() if lr is not None]
 
 
-def plan(rows: list[dict], tasks=None, methods=METHODS) -> list[dict]:
+def plan(rows: list[dict], tasks=None, methods=METHODS, blocks=BLOCKS) -> list[dict]:
     """Every run still to do that can start now, block by block: the lr selection (seed 0 at each lr),
     then the other seeds of each method whose lr is picked; then the headline cells' ten seeds."""
     done = {run_key(row) for row in rows}
     todo = []
-    for task, r in BLOCKS:
+    for task, r in blocks:
         if tasks and task not in tasks:
             continue
         specs = [dict(task=task, r=r, method=m, lr=lr, seed=0) for m in methods
@@ -332,8 +352,9 @@ def work(jsonl: Path, setup: dict, tasks=None, methods=METHODS, limit: Optional[
     """Run planned runs until none is left (or ``limit`` ran); returns how many this worker ran.
     ``planner(rows)`` lists the runs still to do (default: the grid's ``plan``)."""
     planner = planner or (lambda rows: plan(rows, tasks, methods))
-    # one claims folder per run length: a 750-step run and a 250-step run of the same key are different runs
-    claims = jsonl.with_suffix(".claims" if setup["steps"] == SETUP["steps"] else f".{setup['steps']}-claims")
+    # one claims folder per setup: a 750-step run, a 4-bit run and a grid run of the same key are different runs
+    kind = "-".join([f"{setup['steps']}"] * (setup["steps"] != SETUP["steps"]) + [setup.get("base")] * ("base" in setup))
+    claims = jsonl.with_suffix(f".{kind}-claims" if kind else ".claims")
     claims.mkdir(parents=True, exist_ok=True)
     data: dict = {}
     ran = 0
@@ -386,7 +407,7 @@ def points(diffs: list[float]) -> str:
     return f"{mean_std([d * 100 for d in diffs], 1, '+')} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
 
 
-def markdown(rows: list[dict], setup: dict = SETUP, long_rows: tuple = ()) -> str:
+def markdown(rows: list[dict], setup: dict = SETUP, long_rows: tuple = (), quant_rows: tuple = ()) -> str:
     steps = setup["steps"]
     short = str(min(setup["eval_at"], key=lambda t: abs(t - SHORT)))
     lines = [
@@ -450,7 +471,7 @@ def markdown(rows: list[dict], setup: dict = SETUP, long_rows: tuple = ()) -> st
                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
                     f"{', '.join(failed) or 'none'} |")
     lines += headline(rows) + comparisons(rows, str(min(setup["eval_at"])), short, str(steps))
-    lines += long_cell(list(long_rows), rows)
+    lines += long_cell(list(long_rows), rows) + quantized(list(quant_rows))
     lines += objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
     return "\n".join(lines)
 
@@ -565,11 +586,12 @@ def headline_failures(rows: list[dict], task: str, r: int, methods) -> str:
     return ", ".join(out) or "none"
 
 
-def headline_pairs(rows: list[dict], task: str, r: int, method: str, against: str) -> list[float]:
-    """``method`` − ``against``, test accuracy, per seed at the headline lrs; seeds where either did not learn (on
-    validation) are left out."""
+def headline_pairs(rows: list[dict], task: str, r: int, method: str, against: str,
+                   lr_rows: Optional[list[dict]] = None) -> list[float]:
+    """``method`` − ``against``, test accuracy, per seed at the headline lrs (picked in ``lr_rows``, by default
+    ``rows`` themselves); seeds where either did not learn (on validation) are left out."""
     def runs(m):
-        lr = headline_lr(rows, task, r, m)
+        lr = headline_lr(rows if lr_rows is None else lr_rows, task, r, m)
         return {row["seed"]: row for row in rows if cell(row) == (task, r, m) and row["lr"] == lr and learned_on_val(row)}
 
     mine, theirs = runs(method), runs(against)
@@ -589,7 +611,9 @@ def headline(rows: list[dict]) -> list[str]:
     """The headline pairs at r = 2 with 95% intervals: what the data can and cannot tell apart."""
     lines = ["", f"### Headline: paired differences with 95% intervals (r = 2, up to {len(HEADLINE_SEEDS)} seeds)", "",
              "Test accuracy, method − comparator, in points, per seed (same seed: same head init, same batches; "
-             "dropout is 0 in every method, so nothing else is drawn). Interval: Student's t over seeds "
+             "the adapters have no dropout; MiniLM's own dropout, 0.1 as its config sets it, draws its masks from the "
+             "global generator seeded with the run's seed, so each run repeats exactly, though the two arms' masks "
+             "are not the same draws). Interval: Student's t over seeds "
              "(mean ± t₀.₉₇₅ · sd / √n). Every arm runs at the lr its method picked on validation; reallocation off "
              "runs at the default's lr, so that only the rank movement differs.", "",
              "A seed where either arm did not learn (it ended at the majority class on validation) is left out of the "
@@ -630,9 +654,38 @@ def long_cell(rows: list[dict], grid_rows: list[dict]) -> list[str]:
     lines += ["", "| difference (test, points) | mean | 95% interval | seeds ahead |", "|---|---|---|---|"]
     for method, against in HEADLINE_PAIRS:
         lines.append(f"| {NAMES[method]} − {NAMES[against]} | "
-                     f"{interval_cells(headline_pairs(rows, task, r, method, against))} |")
+                     f"{interval_cells(headline_pairs(rows, task, r, method, against, grid_rows))} |")
     lines += rank_map(next((row for row in sorted(rows, key=lambda row: row["seed"])
                             if row["method"] == DEFAULT and row.get("layers")), None))
+    return lines
+
+
+def quantized(rows: list[dict]) -> list[str]:
+    """The 4-bit-base cell: each method's lr pick and accuracy, and the paired difference with its interval."""
+    if not rows:
+        return []
+    task, r = QUANT_CELL
+    lines = ["", f"### On a 4-bit base (QLoRA): {task}, r = {r}", "",
+             "MiniLM's encoder linears loaded in 4-bit NF4 through bitsandbytes (float32 compute; the head stays "
+             "float32 and starts from the same values as on the float base). PEFT LoRA runs as PEFT documents QLoRA: "
+             "`prepare_model_for_kbit_training` (gradient checkpointing on), then `get_peft_model`, which puts its "
+             "bitsandbytes LoRA layers on the 4-bit linears (checked at the start of every run). ElaLoRA runs the "
+             "library defaults on the same base without that call. lr picked on validation at seed 0, as in the "
+             "grid; seeds 1 and 2 at the pick.", "",
+             f"| method | lr (val, seed 0: {' / '.join(f'{lr:g}' for lr in LRS)}) | seeds | val @ {SETUP['steps']} | "
+             "test | did not learn |", "|---|---|---|---|---|---|"]
+    for method in QUANT_METHODS:
+        seed0, runs = seed0_runs(rows, task, r, method), final_runs(rows, task, r, method)
+        lr_cell = " / ".join(f"{seed0[lr]['val_final']:.3f}" if lr in seed0 else "–" for lr in sorted(seed0))
+        learned = [row for row in runs if learned_on_val(row)]
+        failed = [f"s{row['seed']}" for row in runs if not learned_on_val(row)]
+        pick = f"**{runs[0]['lr']:g}**" if runs else "–"
+        lines.append(f"| {NAMES[method]} | {pick} ({lr_cell}) | {len(runs)} | "
+                     f"{mean_std([row['val_final'] for row in learned]) if learned else '–'} | "
+                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | "
+                     f"{', '.join(failed) or 'none'} |")
+    lines += ["", "| difference (test, points) | mean | 95% interval (t over seeds) | seeds ahead |", "|---|---|---|---|",
+              f"| {NAMES[DEFAULT]} − {NAMES['lora']} | {interval_cells(paired(rows, task, r, DEFAULT, 'lora'))} |"]
     return lines
 
 
@@ -683,6 +736,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-md", action="store_true", help="write the tables from --jsonl into RESULTS.md")
     p.add_argument("--status", action="store_true", help="print how far the grid got")
     p.add_argument("--long", action="store_true", help=f"the longer cell ({LONG['steps']} steps) instead of the grid")
+    p.add_argument("--base", choices=("nf4",), default=None, help="the 4-bit-base cell (QLoRA) instead of the grid")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     setup = dict(SETUP)
@@ -697,8 +751,9 @@ def main(argv=None) -> int:
     jsonl = Path(args.jsonl)
     rows = read_rows(jsonl, setup)
     long_setup = dict(setup, steps=LONG["steps"], eval_at=LONG["eval_at"])
+    quant_setup = dict(setup, base=QUANT["base"])
     if args.write_md:
-        write_section(markdown(rows, setup, read_rows(jsonl, long_setup)))
+        write_section(markdown(rows, setup, read_rows(jsonl, long_setup), read_rows(jsonl, quant_setup)))
         return 0
     tasks = args.tasks.split(",") if args.tasks else None
     methods = tuple(args.methods.split(","))
@@ -706,6 +761,9 @@ def main(argv=None) -> int:
     if args.long:
         planner = functools.partial(plan_long, rows)  # the lrs come from the grid's rows
         setup = long_setup
+    elif args.base:
+        planner = functools.partial(plan, tasks=None, methods=QUANT_METHODS, blocks=[QUANT_CELL])
+        setup = quant_setup
     if args.status:
         todo = (planner or (lambda done: plan(done, tasks, methods)))(read_rows(jsonl, setup))
         print(f"{len(read_rows(jsonl, setup))} runs done; {len(todo)} can start now")
