@@ -201,6 +201,12 @@ class RankAllocator:
         self._read_device_nonfinite()
         return self._nonfinite_seen
 
+    def importance_emas(self) -> list[tuple[Tensor, Tensor]]:
+        """Each adapter parameter's (importance EMA, uncertainty EMA), in the order of ``params`` (every layer's
+        P, λ, Q): live views into the allocator's buffers, of this process's shard under FSDP2. For inspection;
+        what is written into them is the allocator's state."""
+        return list(zip(self._ipt_views, self._unc_views))
+
     # ---------------------------------------------------------------- round
     def rank_scores(self) -> Tensor:
         """docs/ALGORITHM.md §3 scores of every slot: float32 [layers, r_max] (under FSDP2: one all-reduce)."""
