@@ -42,9 +42,8 @@ def _set_slot_importance(alloc, m, values):
     With no gradient the next update makes Ī = β·v and Ū ∝ v, so the rank
     score S_j ∝ v_j² and the order of slots is the order of ``values``.
     """
-    for i, dim in zip(range(3), (1, 0, 0)):
-        for views in (alloc._ipt_views, alloc._unc_views):
-            view = views[3 * m + i]
+    for pair, dim in zip(alloc.importance_emas()[3 * m : 3 * m + 3], (1, 0, 0)):
+        for view in pair:
             for j, v in enumerate(values):
                 view.select(dim, j).fill_(v)
 
@@ -85,8 +84,8 @@ def test_new_ranks_are_orthogonal_with_negligible_lambda_and_zero_emas():
         assert (layer.lora_Q[:new].double() @ q).abs().max() < 1e-6
         assert (layer.lora_P[:, :new].double().t() @ p).abs().max() < 1e-6
         assert 0 <= layer.lora_lam[new] <= 1e-13
-        for views in (alloc._ipt_views, alloc._unc_views):
-            assert views[6 + 1][new] == 0 and views[6 + 2][new].abs().sum() == 0 and views[6][:, new].abs().sum() == 0
+        for p_ema, lam_ema, q_ema in zip(*alloc.importance_emas()[6:9]):  # layer 2: importance, then uncertainty
+            assert lam_ema[new] == 0 and q_ema[new].abs().sum() == 0 and p_ema[:, new].abs().sum() == 0
 
 
 def _train_steps(model, opt, alloc, n, seed=0, extra=None):
@@ -168,8 +167,9 @@ def test_many_rounds_conserve_total_rank_within_bounds():
 def test_rank_scores_match_reference():
     model, alloc, opt = _setup(optimizer=True)
     list(_train_steps(model, opt, alloc, 3))
-    ipt = [tuple(alloc._ipt_views[3 * i : 3 * i + 3]) for i in range(3)]
-    unc = [tuple(alloc._unc_views[3 * i : 3 * i + 3]) for i in range(3)]
+    ipt, unc = zip(*alloc.importance_emas())
+    ipt = [ipt[3 * i : 3 * i + 3] for i in range(3)]
+    unc = [unc[3 * i : 3 * i + 3] for i in range(3)]
     torch.testing.assert_close(alloc.rank_scores(), reference.rank_scores(ipt, unc), atol=0, rtol=0)
 
 
@@ -180,13 +180,14 @@ def test_emas_follow_reference_update():
     x = torch.randn(4, 12)
     model(x).sum().backward()
     params = alloc.params
-    ref_ipt = [v.clone() for v in alloc._ipt_views]
-    ref_unc = [v.clone() for v in alloc._unc_views]
+    ref_ipt = [ipt.clone() for ipt, _ in alloc.importance_emas()]
+    ref_unc = [unc.clone() for _, unc in alloc.importance_emas()]
     reference.score_ema_update(params, [p.grad for p in params], ref_ipt, ref_unc, BETA, BETA)
     alloc.step()
-    for ours, ref in zip(alloc._ipt_views + alloc._unc_views, ref_ipt + ref_unc):
-        torch.testing.assert_close(ours, ref, atol=0, rtol=0)
-        assert ours.data_ptr() % 16 == 0  # every view is 16-byte aligned for vector loads
+    for (ipt, unc), ref_i, ref_u in zip(alloc.importance_emas(), ref_ipt, ref_unc):
+        for ours, expected in ((ipt, ref_i), (unc, ref_u)):
+            torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+            assert ours.data_ptr() % 16 == 0  # every view is 16-byte aligned for vector loads
     assert not torch.equal(alloc.ema_ipt, ipt_before) and not torch.equal(alloc.ema_unc, unc_before)
 
 

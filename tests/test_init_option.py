@@ -113,7 +113,7 @@ def test_rounds_under_zero_p_see_meaningful_lam_p_and_q_scores(one_thread):
     assert info.round is not None and info.round.moved > 0
     for m, (name, layer) in enumerate(zip(alloc.names, alloc.layers)):
         kept = layer.active_rank - info.round.expanded.get(name, 0)  # new ranks start with zero EMAs
-        p_ipt, lam_ipt, q_ipt = (alloc._ipt_views[3 * m + i] for i in range(3))
+        p_ipt, lam_ipt, q_ipt = (ipt for ipt, _ in alloc.importance_emas()[3 * m : 3 * m + 3])
         assert bool((p_ipt[:, :kept].mean(0) > 0).all()), f"{name}: P scores"
         assert bool((lam_ipt[:kept] > 0).all()), f"{name}: λ scores"
         assert bool((q_ipt[:kept].mean(1) > 0).all()), f"{name}: Q scores"

@@ -54,9 +54,9 @@ def test_nonfinite_elements_keep_their_emas_and_are_counted():
             count += 1
     expected = [
         _expected_ema(p, p.grad, vi, vu, config.beta1, config.beta2)
-        for p, vi, vu in zip(alloc.params, alloc._ipt_views, alloc._unc_views)
+        for p, (vi, vu) in zip(alloc.params, alloc.importance_emas())
     ]
-    old_views = [(vi.clone(), vu.clone()) for vi, vu in zip(alloc._ipt_views, alloc._unc_views)]
+    old_views = [(vi.clone(), vu.clone()) for vi, vu in alloc.importance_emas()]
     with pytest.warns(RuntimeWarning, match=rf"{count} adapter gradient elements were inf/nan"):
         info = alloc.step()
     assert info.nonfinite == count == alloc.nonfinite_total()
@@ -65,7 +65,7 @@ def test_nonfinite_elements_keep_their_emas_and_are_counted():
     assert changed > 0
     for i, (p, (ei, eu), (oi, ou)) in enumerate(zip(alloc.params, expected, old_views)):
         mask = torch.isfinite(p.grad)
-        vi, vu = alloc._ipt_views[i], alloc._unc_views[i]
+        vi, vu = alloc.importance_emas()[i]
         assert torch.equal(vi[~mask], oi[~mask]) and torch.equal(vu[~mask], ou[~mask]), f"param {i}"
         torch.testing.assert_close(vi[mask], ei[mask], rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(vu[mask], eu[mask], rtol=1e-6, atol=1e-12)

@@ -152,8 +152,8 @@ def test_allocator_invariants_under_random_score_streams(setup):
                 first_new = ranks_before[m] - lost
                 for slot in range(first_new, first_new + gained):
                     assert abs(layer.lora_lam[slot].item()) <= 1e-13, "a new slot's λ must be ≈ 0"
-                    for view in (alloc._ipt_views, alloc._unc_views):
-                        assert not view[3 * m + 1][slot] and not view[3 * m][:, slot].any() and not view[3 * m + 2][slot].any()
+                    for p_ema, lam_ema, q_ema in zip(*alloc.importance_emas()[3 * m : 3 * m + 3]):
+                        assert not lam_ema[slot] and not p_ema[:, slot].any() and not q_ema[slot].any()
     # Inactive slots contribute nothing: filling them with garbage leaves every output unchanged.
     for layer in alloc.layers:
         x = torch.randn(4, layer.in_features, generator=g)
