@@ -242,4 +242,4 @@ class ElaLoRAConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"ElaLoRAConfig: unknown fields {sorted(unknown)}")
-        return cls(**{"init": "paper", **data})  # saved before `init` existed: those runs started as the paper
+        return cls(**data)
