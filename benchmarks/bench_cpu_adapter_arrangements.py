@@ -1,5 +1,5 @@
 """Issue 14's question: does another arrangement of the adapter GEMMs beat the CPU op's
-present one (3 GEMMs forward, 5 backward, elalora_kernels/cpu/adapter_linear.py)?
+present one (3 GEMMs forward, 5 backward, elalora_kernels/torch_ops/adapter_linear.py)?
 
 * present      y = x W0ᵀ + b;  y += h (P⊙c)ᵀ with h = x Qᵀ;  dx = g W0;  dx += (g (P⊙c)) Q
 * K-concat     the rank-r update rides inside the base GEMMs:
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import cpu_cases as C  # noqa: E402
 from elalora_kernels import reference  # noqa: E402
-from elalora_kernels.cpu.adapter_linear import AdapterLinearFunction  # noqa: E402
+from elalora_kernels.torch_ops.adapter_linear import AdapterLinearFunction  # noqa: E402
 
 
 def _coeff(lam, active, scale):

@@ -184,7 +184,7 @@ def step_table(run: Run, lines: list[str]) -> list[tuple[str, bool]]:
         "model after a real step (the round figure includes that step's score update), and in brackets "
         "the median of the steps of the training run above.",
         f"A round ({round_ms:.1f} ms) is the step's score update ({score_ms:.2f} ms, C++ extension), the rank "
-        f"scores ({scores_ms:.2f} ms, `elalora_kernels.batched.rank_scores`) and the allocator's own work "
+        f"scores ({scores_ms:.2f} ms, the CPU backend's per-matrix `rank_scores`) and the allocator's own work "
         f"({own}; plan, slot swaps, and a `torch.linalg.qr` per new P column and Q row in "
         "`elalora/allocator.py::_orthogonal_unit`).",
         "",

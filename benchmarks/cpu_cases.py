@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import elalora  # noqa: E402
 import elalora_kernels.cpu as cpu_ops  # noqa: E402
-from elalora_kernels import batched  # noqa: E402
+from elalora_kernels import torch_ops  # noqa: E402
 from elalora_kernels.reference import score_ema_update_one  # noqa: E402
 
 BETA1 = BETA2 = 0.85
@@ -453,7 +453,7 @@ def llama_extras(tokens: str = "4x128") -> LlamaExtras:
         torch.autograd.grad(allocator.orth_penalty(), factors)
 
     def penalty_batched():
-        torch.autograd.grad(batched.orth_penalty(factors[: len(layers)], factors[len(layers) :], actives, coeff), factors)
+        torch.autograd.grad(torch_ops.orth_penalty(factors[: len(layers)], factors[len(layers) :], actives, coeff), factors)
 
     def adapter_shapes(slots):
         return [s for layer in layers for s in ((layer.out_features, slots), (slots,), (slots, layer.in_features))]

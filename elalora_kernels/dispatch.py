@@ -2,9 +2,8 @@
 
 * ``cpu``: CPU tensors — the C++ extension where it pays, torch ops elsewhere;
 * ``triton``: CUDA tensors when Triton is installed;
-* ``torch``: other devices (CUDA without Triton, MPS, ...) — the same package's
-  torch-op versions (its adapter op and vectorised score+EMA are plain torch;
-  the C++ extension only ever runs on CPU tensors);
+* ``torch``: other devices (CUDA without Triton, MPS, ...) — every op in plain
+  torch ops (the ``cpu`` backend reuses them where they pay on the CPU);
 * ``reference``: the eager oracle, never chosen by itself.
 
 ``ELALORA_BACKEND=<name>`` forces one for the process (read once, at import);
@@ -22,7 +21,7 @@ import torch
 
 BACKENDS = ("reference", "cpu", "torch", "triton")
 ENV_VAR = "ELALORA_BACKEND"
-_PACKAGE_OF = {"reference": "reference", "cpu": "cpu", "torch": "cpu", "triton": "triton"}
+_PACKAGE_OF = {"reference": "reference", "cpu": "cpu", "torch": "torch_ops", "triton": "triton"}
 
 
 def _checked(name: str) -> str:
@@ -36,7 +35,7 @@ _forced: str | None = _checked(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) e
 # Loaded backends. Those this machine uses load now, so that torch.compile finds
 # them in this dict and traces the op instead of breaking the graph on an import
 # (Triton only where CUDA is, or when forced: importing it costs time).
-_EAGER = ("reference", "cpu") + (
+_EAGER = ("reference", "cpu", "torch_ops") + (
     ("triton",) if _TRITON_INSTALLED and (torch.cuda.is_available() or _forced == "triton") else ()
 )
 _LOADED: dict[str, ModuleType] = {name: importlib.import_module(f"elalora_kernels.{name}") for name in _EAGER}

@@ -1,4 +1,4 @@
-"""The adapter linear autograd op (``elalora_kernels.cpu.adapter_linear``) against the reference.
+"""The adapter linear autograd op (``elalora_kernels.torch_ops.adapter_linear``, the CPU backend's) against the reference.
 
 Tolerances mean something: in every precision, the fast op's error against a
 float64 evaluation of the reference must be within a small multiple of the

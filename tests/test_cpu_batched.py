@@ -1,11 +1,12 @@
-"""Batched rank scores and orthogonality penalty (elalora_kernels.batched) against the reference."""
+"""Batched rank scores and orthogonality penalty (elalora_kernels.torch_ops.batched) against the reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import elalora_kernels
-from elalora_kernels import batched, cpu, reference
+from elalora_kernels import cpu, reference
+from elalora_kernels.torch_ops import batched
 
 # (out, in) of the matrices of one model, r_max shared: several shapes, repeated, interleaved.
 MIXED = [(17, 5), (300, 123), (17, 5), (5, 300), (300, 123), (17, 5), (1, 1)]
@@ -54,16 +55,14 @@ def test_rank_scores_of_views_into_flat_buffers():
     assert torch.equal(batched.rank_scores(views(flat_i), views(flat_u)), reference.rank_scores(views(flat_i), views(flat_u)))
 
 
-@pytest.mark.parametrize("path", ["batched", "per_matrix"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rank_scores_both_paths_write_every_element_bit_identically(path, threads):
+def test_rank_scores_write_every_element_bit_identically(threads):
     """Into an output poisoned with NaN: an element left unwritten fails."""
     torch.set_num_threads(threads)
-    fn = batched._rank_scores_into if path == "batched" else batched._rank_scores_per_matrix
     for shapes, r in [(MIXED, 5), ([(384, 384)] * 6 + [(1536, 384), (384, 1536)] * 2, 16)]:
         ipt, unc = _emas(shapes, r, seed=1)
         out = torch.full((len(shapes), r), float("nan"))
-        fn(out, ipt, unc)
+        batched._rank_scores_into(out, ipt, unc)
         assert torch.equal(out, reference.rank_scores(ipt, unc))
 
 
@@ -124,7 +123,7 @@ def test_orth_penalty_inactive_slots_are_cut_out():
 
 
 @elalora_kernels.use_backend("cpu")
-def test_cpu_backend_and_dispatch_use_the_batched_rank_scores():
-    assert cpu.rank_scores is batched.rank_scores  # the orthogonality penalty: tests/test_cpu_orth_penalty.py
+def test_cpu_backend_and_dispatch_score_per_matrix():
+    assert cpu.rank_scores is reference.rank_scores  # the orthogonality penalty: tests/test_cpu_orth_penalty.py
     ipt, unc = _emas(MIXED, 4, seed=5)
     assert torch.equal(elalora_kernels.rank_scores(ipt, unc), reference.rank_scores(ipt, unc))

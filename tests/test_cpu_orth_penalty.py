@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import elalora_kernels
-from elalora_kernels import _extension, batched, cpu, reference
+from elalora_kernels import _extension, cpu, reference, torch_ops
 from elalora_kernels.cpu import orth_penalty
 from test_cpu_adapter import TOL, _assert_within_eager_error
 
@@ -161,7 +161,7 @@ def test_dispatch_runs_the_fused_op_on_cpu_and_batched_ops_without_the_extension
     fused = elalora_kernels.orth_penalty(Ps, Qs, actives, 0.1)
     calls = []
     monkeypatch.setattr(_extension, "available", lambda: False)
-    monkeypatch.setattr(batched, "orth_penalty", lambda *args: calls.append(args) or reference.orth_penalty(*args))
+    monkeypatch.setattr(torch_ops, "orth_penalty", lambda *args: calls.append(args) or reference.orth_penalty(*args))
     fallback = elalora_kernels.orth_penalty(Ps, Qs, actives, 0.1)
     assert len(calls) == 1
     torch.testing.assert_close(fused, fallback, rtol=1e-6, atol=0)

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from elalora_kernels import _extension, reference
+from elalora_kernels import _extension, reference, torch_ops
 from elalora_kernels.cpu import score_ema as cpu_score
 
 ODD_SHAPES = [(1,), (7,), (5, 123), (123, 7), (300, 5), (17, 33)]
@@ -24,7 +24,7 @@ requires_ext = pytest.mark.skipif(not _extension.available(), reason=f"C++ exten
 IMPLS = {
     "extension": lambda *a: _extension.load().score_ema_update(*a),
     "dispatch_cpu": cpu_score.score_ema_update,
-    "torch_fallback": cpu_score.torch_score_ema_update,
+    "torch_fallback": torch_ops.score_ema_update,
 }
 
 

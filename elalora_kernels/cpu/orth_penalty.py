@@ -4,8 +4,7 @@ The C++ op (csrc/orth_penalty.cpp) reads every P and Q in place, over the
 active slots only, and writes the value and the gradient of every factor in the
 same pass; backward only hands those gradients on (scaled, unless the loss's
 gradient is exactly 1, as it is for ``loss + penalty``). Without the extension
-(or for tensors on another device) the batched torch version of
-:mod:`elalora_kernels.batched` runs instead.
+(or for tensors on another device) the torch backend's batched version runs instead.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .. import _extension, batched
+from .. import _extension, torch_ops
 
 
 class OrthPenaltyFunction(torch.autograd.Function):
@@ -39,7 +38,7 @@ def orth_penalty(Ps: Sequence[Tensor], Qs: Sequence[Tensor], actives: Sequence[T
     if not Ps:
         raise ValueError("orth_penalty: no matrices")
     if Ps[0].device.type != "cpu" or not _extension.available():
-        return batched.orth_penalty(Ps, Qs, actives, coeff)
+        return torch_ops.orth_penalty(Ps, Qs, actives, coeff)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*Ps, *Qs)):
         return OrthPenaltyFunction.apply(tuple(actives), float(coeff), *Ps, *Qs)
     return _run(Ps, Qs, actives, float(coeff), want_grads=False)[0]

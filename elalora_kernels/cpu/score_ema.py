@@ -1,21 +1,18 @@
-"""docs/ALGORITHM.md §2 for every adapter tensor at once.
+"""docs/ALGORITHM.md §2 for every adapter tensor at once, on CPU tensors, in C++.
 
-CPU tensors go to the C++ extension: one OpenMP pass over all tensors that
+The extension (csrc/score_ema.cpp) makes one OpenMP pass over all tensors that
 reads (w, g, Ī, Ū) once and writes (Ī, Ū) once, bit-identical to
 :func:`elalora_kernels.reference.score_ema_update`. Without the extension (or
-for tensors on another device) a vectorised torch version runs the same
-float32 arithmetic on all tensors concatenated, so it is bit-identical too.
+for tensors on another device) the torch backend's version runs: bit-identical too.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
-from .. import _extension
-
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+from .. import _extension, torch_ops
+from ..torch_ops.score_ema import check_lengths
 
 
 def score_ema_update(
@@ -27,42 +24,11 @@ def score_ema_update(
     beta2: float,
 ) -> int:
     """In place on the float32 EMAs; returns how many elements had a non-finite ``|w·g|``."""
-    if not (len(params) == len(grads) == len(ema_ipt) == len(ema_unc)):
-        raise ValueError(
-            "score_ema_update: params, grads, ema_ipt and ema_unc must have the same length "
-            f"(got {len(params)}, {len(grads)}, {len(ema_ipt)}, {len(ema_unc)})"
-        )
+    check_lengths(params, grads, ema_ipt, ema_unc)
     if not params:
         return 0
     if params[0].device.type == "cpu":
         ext = _extension.load()
         if ext is not None:
             return ext.score_ema_update(list(params), list(grads), list(ema_ipt), list(ema_unc), float(beta1), float(beta2))
-    return torch_score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2)
-
-
-@torch.no_grad()
-def torch_score_ema_update(params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> int:
-    """The fallback: the reference's elementwise formula once over all tensors concatenated."""
-    for i, (w, g, a, u) in enumerate(zip(params, grads, ema_ipt, ema_unc)):
-        n = w.numel()
-        if g.numel() != n or a.numel() != n or u.numel() != n:
-            raise ValueError(f"score_ema_update: tensors at index {i} differ in size")
-        if w.dtype not in _SUPPORTED or g.dtype not in _SUPPORTED:
-            raise TypeError(f"score_ema_update: params/grads must be float32, bfloat16 or float16 (index {i})")
-        if a.dtype != torch.float32 or u.dtype != torch.float32:
-            raise TypeError(f"score_ema_update: EMAs must be float32 (index {i})")
-    w = torch.cat([t.reshape(-1).float() for t in params])
-    g = torch.cat([t.reshape(-1).float() for t in grads])
-    old_ipt = torch.cat([t.reshape(-1) for t in ema_ipt])
-    old_unc = torch.cat([t.reshape(-1) for t in ema_unc])
-    ipt = (w * g).abs()
-    finite = torch.isfinite(ipt)
-    new_ipt = beta1 * old_ipt + (1 - beta1) * ipt
-    new_unc = beta2 * old_unc + (1 - beta2) * (ipt - new_ipt).abs()
-    new_ipt = torch.where(finite, new_ipt, old_ipt)
-    new_unc = torch.where(finite, new_unc, old_unc)
-    sizes = [t.numel() for t in params]
-    torch._foreach_copy_(list(ema_ipt), [s.view(t.shape) for s, t in zip(new_ipt.split(sizes), ema_ipt)])
-    torch._foreach_copy_(list(ema_unc), [s.view(t.shape) for s, t in zip(new_unc.split(sizes), ema_unc)])
-    return int(finite.numel() - finite.sum())
+    return torch_ops.score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2)

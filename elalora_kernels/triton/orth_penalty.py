@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from elalora_kernels import batched
+from elalora_kernels import torch_ops
 
 from . import _common
 from ._common import TL_DTYPE, check_device, interpreting, rank_block
@@ -166,7 +166,7 @@ def orth_penalty(Ps: Sequence[Tensor], Qs: Sequence[Tensor], actives: Sequence[T
     dtypes = {t.dtype for t in (*Ps, *Qs)}
     r_maxes = {Q.shape[0] for Q in Qs} | {P.shape[1] for P in Ps}
     if len(dtypes) != 1 or dtypes.pop() not in TL_DTYPE or len(r_maxes) != 1:
-        return batched.orth_penalty(Ps, Qs, actives, coeff)  # mixed or float64 factors: rare, torch ops
+        return torch_ops.orth_penalty(Ps, Qs, actives, coeff)  # mixed or float64 factors: rare, torch ops
     device = Ps[0].device
 
     def launch():
@@ -174,4 +174,4 @@ def orth_penalty(Ps: Sequence[Tensor], Qs: Sequence[Tensor], actives: Sequence[T
             return OrthPenaltyFunction.apply(tuple(actives), float(coeff), *Ps, *Qs)
 
     return _common.run_or_fall_back(("orth_penalty", rank_block(r_maxes.pop())), launch,
-                                    lambda: batched.orth_penalty(Ps, Qs, actives, coeff))
+                                    lambda: torch_ops.orth_penalty(Ps, Qs, actives, coeff))

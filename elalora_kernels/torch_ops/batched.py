@@ -4,8 +4,8 @@ matrices at once, on any device.
 Matrices are grouped by shape and each group is computed with batched tensor
 ops, so the work is a handful of ops per distinct shape (not per matrix) and
 nothing waits on the device: no boolean indexing, no ``.item()``. The Triton
-backend reuses these. (On the CPU, rank scores run per matrix instead: there
-the batched form only adds copies; see ``_rank_scores_per_matrix``.)
+backend falls back on these. (The CPU backend scores per matrix instead: there
+the batched form only adds copies; see ``elalora_kernels/cpu/__init__.py``.)
 """
 from __future__ import annotations
 
@@ -44,23 +44,10 @@ def rank_scores(
         raise ValueError("rank_scores: no matrices")
     r = ipt[0][1].shape[0]
     out = torch.empty(len(ipt), r, dtype=torch.float32, device=ipt[0][1].device)
-    if out.device.type == "cpu":
-        return _rank_scores_per_matrix(out, ipt, unc)
     return _rank_scores_into(out, ipt, unc)
 
 
-def _rank_scores_per_matrix(out: Tensor, ipt, unc) -> Tensor:
-    """CPU: per matrix, straight into its row of ``out``. On the CPU nothing waits on a
-    device, the EMAs are read in place (stacking them first copies every one), and
-    each op stays below torch's parallel grain, so no fork-join per op (faster than
-    the batched form: benchmarks/RESULTS.md, "Measurements behind design choices")."""
-    for m, ((ip, il, iq), (up, ul, uq)) in enumerate(zip(ipt, unc)):
-        out[m] = il * ul + ((iq * uq).mean(dim=1) + (ip * up).mean(dim=0))
-    return out
-
-
 def _rank_scores_into(out: Tensor, ipt, unc) -> Tensor:
-    """Any device: one set of batched ops per distinct shape (few launches on a GPU)."""
     groups = _groups((tuple(p.shape), tuple(q.shape)) for p, _, q in ipt)
     for idx in groups:
         ip = torch.stack([ipt[m][0] for m in idx])
