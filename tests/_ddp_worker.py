@@ -16,6 +16,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import _reliability_util as U  # noqa: E402
+from fixtures import small_config  # noqa: E402
 from elalora import RankAllocator  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def main() -> None:
     )
     # The paper's start: on this toy its rounds leave the uniform pattern (the test's proof that ranks moved);
     # under init="zero_p" they prune and re-grow the same matrices. Bit-identity does not depend on the start.
-    config = U.small_config(total_steps=steps, init="paper")
+    config = small_config(total_steps=steps, init="paper")
     model, _ = U.build(config, seed=0)
     # broadcast_buffers=False: every rank keeps its OWN `active` masks, so the
     # test sees any divergence instead of DDP papering over it from rank 0.

@@ -1,4 +1,4 @@
-"""Shared pieces of the reliability tests: a tiny adapted model, its data and a
+"""Shared pieces of the reliability tests: TinyNet adapted, its data and a
 training loop that records everything a run decides. Also imported by the
 worker scripts the DDP and resume tests spawn, so it must stay import-light.
 """
@@ -15,42 +15,10 @@ import torch.nn.functional as F
 import elalora
 from elalora import ElaLoRAConfig, RankAllocator
 
-IN, HID, OUT = 12, 16, 3
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fixtures import IN, OUT, TinyNet, small_config
 
-
-class Block(nn.Module):
-    def __init__(self, d_in: int, d: int) -> None:
-        super().__init__()
-        self.query = nn.Linear(d_in, d)
-        self.value = nn.Linear(d, d)
-
-    def forward(self, x):
-        return torch.tanh(self.value(torch.tanh(self.query(x))))
-
-
-class TinyNet(nn.Module):
-    """Two blocks of (query, value) plus a frozen head: four adapted layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.b0 = Block(IN, HID)
-        self.b1 = Block(HID, HID)
-        self.head = nn.Linear(HID, OUT)
-
-    def forward(self, x):
-        return self.head(self.b1(self.b0(x)))
-
-
-def small_config(**changes) -> ElaLoRAConfig:
-    """Rounds at t = 3, 5, 7, 9, 11 (+ more if total_steps grows) with k = 2 and b = 3."""
-    base = dict(
-        r=3, r_max=6, lora_alpha=8.0, target_modules=("query", "value"),
-        b=3, k=2, t_init=3, t_final=3, mask_interval=2, total_steps=16,
-        rank_scheduler=False, orth_reg=0.1, seed=7,
-    )
-    base.update(changes)
-    return ElaLoRAConfig(**base)
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 
 def build(config: ElaLoRAConfig | None = None, *, seed: int = 0, dtype=None) -> tuple[nn.Module, list[str]]:
@@ -133,7 +101,8 @@ def free_port() -> int:
 
 def worker_env(**extra) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    # the package, and tests/ for the helpers (fixtures, this module) the workers import by name
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update({k: str(v) for k, v in extra.items()})
     return env

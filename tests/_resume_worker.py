@@ -15,11 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import _reliability_util as U  # noqa: E402
+from fixtures import small_config  # noqa: E402
 from elalora import RankAllocator  # noqa: E402
 
 
 def setup(steps: int):
-    config = U.small_config(total_steps=steps, lora_dropout=0.1)
+    config = small_config(total_steps=steps, lora_dropout=0.1)
     model, _ = U.build(config, seed=0)
     optimizer = U.make_optimizer(model)
     scheduler = U.make_scheduler(optimizer, steps)

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import elalora
 from elalora.integrations import ElaLoRACallback
 
-import _tiny_hf as tiny
+from fixtures import hf_model, input_ids
 
 STEPS, SAVE_EVERY = 12, 6
 # BERT's classification loss is a plain mean though the model accepts num_items_in_batch; the Trainer's token
@@ -23,12 +23,12 @@ NOT_TOKEN_AVERAGED = {"average_tokens_across_devices": False}
 def hub(folder: Path, family: str, auto, **overrides) -> Path:
     """A tiny random model (config ``overrides``) saved to ``folder``: the name its adapters record as their base."""
     if not folder.is_dir():
-        tiny.model(family, auto=auto, seed=0, **overrides).save_pretrained(folder)
+        hf_model(family, auto, seed=0, **overrides).save_pretrained(folder)
     return folder
 
 
 def dataset(task: str, n: int = 48):
-    ids = tiny.input_ids(batch=n, length=8, seed=1)
+    ids = input_ids(batch=n, length=8, seed=1)
     labels = (ids[:, 0] > 32).long() if task == "SEQ_CLS" else ids
     return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
 

@@ -9,24 +9,24 @@ import elalora  # noqa: E402
 from elalora.architectures import DEFAULT_TARGETS  # noqa: E402
 from elalora.model import linear_layer_names, modules_to_save_names  # noqa: E402
 
-import _tiny_hf as tiny  # noqa: E402
+from fixtures import ADAPTED_PER_MODEL, HF_FAMILIES, hf_model, input_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_family_in_the_table_is_tested():
-    assert set(DEFAULT_TARGETS) == set(tiny.CONFIGS)
+    assert set(DEFAULT_TARGETS) == set(HF_FAMILIES)
 
 
-@pytest.mark.parametrize("family", sorted(tiny.CONFIGS))
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 def test_default_targets_adapt_attention_and_mlp_and_keep_outputs(family):
-    model = tiny.model(family)
-    ids = tiny.input_ids()
+    model = hf_model(family)
+    ids = input_ids()
     extra = {"decoder_input_ids": ids} if family == "t5" else {}
     with torch.no_grad():
         before = model(input_ids=ids, **extra).last_hidden_state
     names = elalora.adapted_names(elalora.inject(model, elalora.ElaLoRAConfig(r=2)))
-    assert len(names) == tiny.ADAPTED_PER_MODEL[family]
+    assert len(names) == ADAPTED_PER_MODEL[family]
     # every linear layer of the body is adapted, except BERT-style poolers (not attention or MLP)
     assert set(linear_layer_names(model)) - set(names) <= {"pooler.dense"}
     with torch.no_grad():
@@ -34,16 +34,16 @@ def test_default_targets_adapt_attention_and_mlp_and_keep_outputs(family):
     torch.testing.assert_close(after, before, rtol=0, atol=0)  # ΔW = 0 at initialisation, whichever start
 
 
-@pytest.mark.parametrize("family", sorted(tiny.CONFIGS))
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 def test_every_family_forwards_base_plus_delta_w(family):
     """With P, λ ≠ 0 every adapted layer must compute x (W + ΔW)ᵀ: checked against the same model, un-injected,
     whose weights get ΔW = s·P diag(λ) Q of the active slots added by hand (a Conv1D stores W as [in, out])."""
-    model, reference = tiny.model(family), tiny.model(family)
-    ids = tiny.input_ids()
+    model, reference = hf_model(family), hf_model(family)
+    ids = input_ids()
     extra = {"decoder_input_ids": ids} if family == "t5" else {}
     elalora.inject(model, elalora.ElaLoRAConfig(r=2, r_max=4))
     adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, elalora.ElaLoRALinear)]
-    assert len(adapted) == tiny.ADAPTED_PER_MODEL[family]
+    assert len(adapted) == ADAPTED_PER_MODEL[family]
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         base = reference(input_ids=ids, **extra).last_hidden_state
@@ -81,7 +81,7 @@ def test_unknown_architecture_lists_its_linear_layers():
     ],
 )
 def test_task_type_trains_the_new_head(family, auto, task, head):
-    model = tiny.model(family, auto=auto)
+    model = hf_model(family, auto)
     config = elalora.ElaLoRAConfig(r=2, task_type=task)
     adapted = elalora.adapted_names(elalora.inject(model, config))
     assert modules_to_save_names(model, config) == head

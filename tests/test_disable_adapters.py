@@ -12,28 +12,19 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import elalora
 
+from fixtures import (bert_classifier, classification_batch, hf_model, input_ids, make_trainer, randomise_adapters,
+                      trainer_config)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomised(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Adapters that change the outputs: random P, λ, Q and uneven ranks, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i, (_, layer) in enumerate(elalora.adapter_layers(model)):
-            for p in (layer.lora_P, layer.lora_lam, layer.lora_Q):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            layer.set_active_rank(1 + i % layer.r_max)
-    return model
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_inside_exactly_the_base_after_exactly_the_adapted_model(family):
     pytest.importorskip("transformers")
-    import _tiny_hf as tiny
-
-    base = tiny.model(family)  # AutoModel: no new head, so the base model is the whole reference
-    model = randomised(elalora.inject(copy.deepcopy(base), elalora.ElaLoRAConfig(r=2, r_max=3)))
-    ids = tiny.input_ids()
+    base = hf_model(family)  # AutoModel: no new head, so the base model is the whole reference
+    model = elalora.inject(copy.deepcopy(base), elalora.ElaLoRAConfig(r=2, r_max=3))
+    randomise_adapters(model, torch.Generator().manual_seed(1))
+    ids = input_ids()
     with torch.no_grad():
         expected_base, adapted = base(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
         assert not torch.allclose(adapted, expected_base, atol=1e-3)  # the adapters matter
@@ -51,7 +42,7 @@ def test_inside_exactly_the_base_after_exactly_the_adapted_model(family):
 def _two_layers():
     torch.manual_seed(0)
     model = nn.Sequential(elalora.ElaLoRALinear(8, 6, r=2, r_max=4), nn.Tanh(), elalora.ElaLoRALinear(6, 5, r=2))
-    return randomised(model)
+    return randomise_adapters(model, torch.Generator().manual_seed(1))
 
 
 def test_no_gradient_reaches_the_adapters_and_an_error_inside_still_switches_them_back():
@@ -97,17 +88,16 @@ def test_compiled_model_compiles_once_per_state():
 def test_trainer_callback_adds_no_penalty_inside():
     pytest.importorskip("transformers")
     from elalora.integrations import ElaLoRACallback
-    from test_integrations import dataset, ela_config, make_trainer, tiny_model
 
-    model = tiny_model()
-    config = ela_config(orth_reg=0.5)
-    randomised(elalora.inject(model, config))
+    model = bert_classifier()
+    config = trainer_config(orth_reg=0.5)
+    randomise_adapters(elalora.inject(model, config), torch.Generator().manual_seed(1))
     callback = ElaLoRACallback(config)
     trainer = make_trainer("unused", model, callback)
     trainer.state.max_steps = 30  # as train() sets it before on_train_begin
     callback.on_train_begin(trainer.args, trainer.state, None, model=model,
                             optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
-    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    batch = classification_batch()
     model.train()
     with torch.no_grad():
         penalised = model(**batch).loss

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 import elalora  # noqa: E402
 from elalora.export import export_peft_lora  # noqa: E402
 
-from test_integrations import SIX, dataset, tiny_model  # noqa: E402
+from fixtures import BERT_SIX, bert_classifier, classification_batch, hf_model, input_ids, trained_hf_model  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
 
 def trained_like(seed: int = 0):
     """A base model and an adapted copy with non-trivial λ, P, Q, uneven ranks and a changed head."""
-    base = tiny_model(seed)
+    base = bert_classifier(seed)
     ours = copy.deepcopy(base)
-    config = elalora.ElaLoRAConfig(r=4, r_max=8, lora_alpha=12.0, target_modules=SIX, seed=seed)
+    config = elalora.ElaLoRAConfig(r=4, r_max=8, lora_alpha=12.0, target_modules=BERT_SIX, seed=seed)
     elalora.inject(ours, config)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -36,11 +36,6 @@ def trained_like(seed: int = 0):
             p.requires_grad_(True)
             p.add_(torch.randn(p.shape, generator=g))
     return base, ours, config
-
-
-def batch():
-    data = dataset(16, seed=3)
-    return {k: torch.stack([d[k] for d in data]) for k in ("input_ids", "attention_mask")}
 
 
 def test_peft_from_pretrained_reproduces_our_outputs(tmp_path):
@@ -62,7 +57,7 @@ def test_peft_from_pretrained_reproduces_our_outputs(tmp_path):
         if name in ranks:
             assert module.lora_A["default"].weight.shape == (ranks[name], module.in_features)
             assert module.scaling["default"] == pytest.approx(1.0)
-    x = batch()
+    x = classification_batch(16, seed=3, labels=False)
     with torch.no_grad():
         want = ours(**x).logits
         got = served(**x).logits
@@ -100,10 +95,9 @@ def test_export_refuses_merged_model(tmp_path):
 
 
 def test_gpt2_conv1d_export_loads_in_peft(tmp_path):
-    import _tiny_hf as tiny
     from transformers import AutoModelForSequenceClassification
 
-    base = tiny.model("gpt2", auto=AutoModelForSequenceClassification)
+    base = hf_model("gpt2", AutoModelForSequenceClassification)
     ours = copy.deepcopy(base)
     elalora.inject(ours, elalora.ElaLoRAConfig(r=2, task_type="SEQ_CLS"))  # c_attn, c_proj, c_fc: Conv1D
     g = torch.Generator().manual_seed(1)
@@ -116,7 +110,7 @@ def test_gpt2_conv1d_export_loads_in_peft(tmp_path):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True and cfg["modules_to_save"] == ["score"]
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
-    ids = tiny.input_ids()
+    ids = input_ids()
     with torch.no_grad():
         expected = ours.eval()(input_ids=ids).logits
         assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapters matter
@@ -127,13 +121,11 @@ def test_gpt2_conv1d_export_loads_in_peft(tmp_path):
 def test_export_of_a_loaded_frozen_model_keeps_the_head_and_the_base_name(tmp_path, family):
     """The README's `export_peft_lora(elalora.from_pretrained(hub, dir), out)`: the loaded model is frozen, yet
     its head is exported (from the model's own adapter config), and the base's name comes from the model."""
-    import _tiny_hf as tiny
-    from test_pretrained import trained
     from transformers import AutoModelForSequenceClassification as Auto
 
     hub = tmp_path / "hub"
-    tiny.model(family, auto=Auto).save_pretrained(hub)
-    ours = trained(family, Auto, "SEQ_CLS")
+    hf_model(family, Auto).save_pretrained(hub)
+    ours = trained_hf_model(family, Auto, "SEQ_CLS")
     ours.config._name_or_path = str(hub)  # as if loaded from the hub folder
     elalora.save_pretrained(ours, tmp_path / "adapter")
     loaded = elalora.from_pretrained(str(hub), tmp_path / "adapter")
@@ -143,7 +135,7 @@ def test_export_of_a_loaded_frozen_model_keeps_the_head_and_the_base_name(tmp_pa
     head = "classifier" if family == "bert" else "score"
     assert cfg["modules_to_save"] == [head] and cfg["base_model_name_or_path"] == str(hub)
     assert cfg["task_type"] == "SEQ_CLS"
-    ids = tiny.input_ids()
+    ids = input_ids()
     with torch.no_grad():
         expected = loaded.eval()(input_ids=ids).logits
         served = peft.PeftModel.from_pretrained(Auto.from_pretrained(hub), str(tmp_path / "export")).eval()

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import elalora  # noqa: E402
 
-import _tiny_hf as tiny  # noqa: E402
+from fixtures import input_ids  # noqa: E402
 from _trainer_run import SAVE_EVERY, STEPS, train  # noqa: E402
 from _trainer_run import hub as _hub  # noqa: E402
 
@@ -35,7 +35,7 @@ def hub(tmp_path, family, auto):
 
 def logits(model):
     with torch.no_grad():
-        return model(input_ids=tiny.input_ids(batch=3, length=8, seed=2)).logits
+        return model(input_ids=input_ids(batch=3, length=8, seed=2)).logits
 
 
 @pytest.mark.parametrize("family, auto, task", CASES)

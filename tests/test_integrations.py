@@ -11,49 +11,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import elalora  # noqa: E402
 from elalora.integrations import ElaLoRACallback, unwrap_optimizer  # noqa: E402
 
+from fixtures import (BERT_SIX, bert_classifier, classification_batch, classification_data, make_trainer,  # noqa: E402
+                      trainer_config)
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
-
-
-SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, num_labels=2,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
-
-
-def dataset(n: int = 96, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (n, 12), generator=g)
-    labels = (ids[:, 0] > 32).long()  # learnable: depends on the first token
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels[i]}
-            for i in range(n)]
-
-
-def ela_config(**kw):
-    fields = dict(r=4, r_max=8, target_modules=SIX, t_init=4, t_final=6, mask_interval=3, b=4, k=2, seed=0)
-    fields.update(kw)
-    return elalora.ElaLoRAConfig(**fields)
-
-
-def make_trainer(tmp_path, model, callback, max_steps=30, extra_callbacks=(), callbacks_before=(), **kw):
-    args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
-        logging_steps=5, save_strategy=kw.pop("save_strategy", "no"), report_to=kw.pop("report_to", "none"),
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, **kw,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(),
-                      callbacks=[*callbacks_before, *extra_callbacks])
-    callback.attach(trainer)
-    return trainer
 
 
 class GradProbe(TrainerCallback):
@@ -68,12 +34,12 @@ class GradProbe(TrainerCallback):
 
 
 def test_trainer_runs_steps_allocator_and_logs(tmp_path):
-    model = tiny_model()
-    config = ela_config()
+    model = bert_classifier()
+    config = trainer_config()
     elalora.inject(model, config)
     cb = ElaLoRACallback(config)
     probe = GradProbe()
-    trainer = make_trainer(tmp_path, model, cb, max_steps=30, extra_callbacks=[probe])
+    trainer = make_trainer(tmp_path, model, cb, max_steps=30, callbacks=[probe])
     before = {n: m.active_rank for n, m in elalora.adapter_layers(model)}
     trainer.train()
 
@@ -105,8 +71,8 @@ def test_trainer_runs_steps_allocator_and_logs(tmp_path):
 
 
 def test_penalty_added_to_training_loss_only():
-    model = tiny_model()
-    config = ela_config(orth_reg=0.5)
+    model = bert_classifier()
+    config = trainer_config(orth_reg=0.5)
     elalora.inject(model, config)
     cb = ElaLoRACallback(config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -119,7 +85,7 @@ def test_penalty_added_to_training_loss_only():
 
     make_trainer("unused", model, cb)
     cb.on_train_begin(A, S, None, model=model, optimizer=opt)
-    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    batch = classification_batch()
     penalty = float(cb.allocator.orth_penalty().detach())
     assert penalty > 0
     model.train()
@@ -138,8 +104,8 @@ def test_penalty_added_to_training_loss_only():
 
 def test_the_callback_fills_the_default_schedule_from_the_trainers_steps(tmp_path):
     """No schedule argument: the Trainer's max_steps sets t_init, t_final, mask_interval by RankAllocator's rule."""
-    model = tiny_model()
-    config = elalora.ElaLoRAConfig(r=4, target_modules=SIX, total_steps=10**6)  # total_steps: the Trainer's wins
+    model = bert_classifier()
+    config = elalora.ElaLoRAConfig(r=4, target_modules=BERT_SIX, total_steps=10**6)  # total_steps: the Trainer's wins
     elalora.inject(model, config)
     cb = ElaLoRACallback(config, write_run_record=False)
     make_trainer(tmp_path, model, cb, max_steps=26).train()
@@ -150,8 +116,8 @@ def test_the_callback_fills_the_default_schedule_from_the_trainers_steps(tmp_pat
 
 
 def test_too_few_steps_is_a_clear_error(tmp_path):
-    model = tiny_model()
-    config = ela_config(t_init=20, t_final=20)
+    model = bert_classifier()
+    config = trainer_config(t_init=20, t_final=20)
     elalora.inject(model, config)
     trainer = make_trainer(tmp_path, model, ElaLoRACallback(config), max_steps=30)
     with pytest.raises(ValueError, match="t_init"):
@@ -159,11 +125,11 @@ def test_too_few_steps_is_a_clear_error(tmp_path):
 
 
 def test_a_callback_run_without_attach_is_a_clear_error(tmp_path):
-    model = tiny_model()
-    config = ela_config()
+    model = bert_classifier()
+    config = trainer_config()
     elalora.inject(model, config)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, report_to="none", use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[ElaLoRACallback(config)])
+    trainer = Trainer(model=model, args=args, train_dataset=classification_data(), callbacks=[ElaLoRACallback(config)])
     with pytest.raises(RuntimeError, match=r"not attached to its Trainer; call ElaLoRACallback\(config\).attach"):
         trainer.train()
     with pytest.raises(TypeError, match="expects a transformers Trainer"):
@@ -171,11 +137,11 @@ def test_a_callback_run_without_attach_is_a_clear_error(tmp_path):
 
 
 def test_attach_puts_the_callback_first_and_wraps_the_trainer_not_the_model(tmp_path):
-    model = tiny_model()
-    config = ela_config()
+    model = bert_classifier()
+    config = trainer_config()
     elalora.inject(model, config)
     cb, later = ElaLoRACallback(config), ElaLoRACallback(config)
-    trainer = make_trainer(tmp_path, model, cb, extra_callbacks=[later])
+    trainer = make_trainer(tmp_path, model, cb, callbacks=[later])
     assert trainer.callback_handler.callbacks[0] is cb and cb._trainer is trainer
     later.attach(trainer)  # a second attach takes the wrappers over instead of stacking them
     assert trainer.callback_handler.callbacks[0] is later
@@ -184,7 +150,7 @@ def test_attach_puts_the_callback_first_and_wraps_the_trainer_not_the_model(tmp_
 
 
 def test_model_without_adapters_is_rejected(tmp_path):
-    trainer = make_trainer(tmp_path, tiny_model(), ElaLoRACallback(ela_config()), max_steps=12)
+    trainer = make_trainer(tmp_path, bert_classifier(), ElaLoRACallback(trainer_config()), max_steps=12)
     with pytest.raises(ValueError, match="inject"):
         trainer.train()
 
@@ -197,15 +163,15 @@ def _adapter_state(model):
                          ids=["in-output-dir", "moved-elsewhere", "resume_from_checkpoint=True"])
 def test_resume_from_checkpoint_is_exact(tmp_path, resume):
     moved = resume == "moved"
-    config = ela_config()
+    config = trainer_config()
     # uninterrupted run
-    model_a = tiny_model()
+    model_a = bert_classifier()
     elalora.inject(model_a, config)
     cb_a = ElaLoRACallback(config, write_run_record=False)
     make_trainer(tmp_path / "a", model_a, cb_a, max_steps=24).train()
 
     # the same run, stopped after a checkpoint at step 12, then resumed in a fresh Trainer
-    model_b = tiny_model()
+    model_b = bert_classifier()
     elalora.inject(model_b, config)
     cb_b = ElaLoRACallback(config, write_run_record=False)
 
@@ -214,13 +180,13 @@ def test_resume_from_checkpoint_is_exact(tmp_path, resume):
             if state.global_step == 12:
                 control.should_training_stop = True
 
-    make_trainer(tmp_path / "b", model_b, cb_b, max_steps=24, extra_callbacks=[StopAt12()],
+    make_trainer(tmp_path / "b", model_b, cb_b, max_steps=24, callbacks=[StopAt12()],
                  save_strategy="steps", save_steps=12).train()
     checkpoint = tmp_path / "b" / "checkpoint-12"
     assert os.path.isfile(checkpoint / "allocator.json")
     if moved:  # any checkpoint path, resumed with another output_dir
         checkpoint = checkpoint.rename(tmp_path / "kept")
-    model_c = tiny_model(seed=1)  # different init: everything must come from the checkpoint
+    model_c = bert_classifier(seed=1)  # different init: everything must come from the checkpoint
     elalora.inject(model_c, config)
     cb_c = ElaLoRACallback(config, write_run_record=False)
     make_trainer(tmp_path / ("c" if moved else "b"), model_c, cb_c, max_steps=24).train(
@@ -235,8 +201,8 @@ def test_resume_from_checkpoint_is_exact(tmp_path, resume):
 
 
 def test_nonfinite_gradient_elements_are_logged(tmp_path):
-    model = tiny_model()
-    config = ela_config()
+    model = bert_classifier()
+    config = trainer_config()
     elalora.inject(model, config)
     layer = elalora.adapter_layers(model)[0][1]
     poisoned_steps = []
@@ -273,12 +239,12 @@ def test_metrics_reach_tensorboard_and_callbacks_listed_before_ours(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    model = tiny_model()
-    config = ela_config()
+    model = bert_classifier()
+    config = trainer_config()
     elalora.inject(model, config)
     recorder = LogRecorder()
     trainer = make_trainer(tmp_path, model, ElaLoRACallback(config, write_run_record=False), max_steps=15,
-                           callbacks_before=[recorder], report_to="tensorboard")
+                           callbacks=[recorder], report_to="tensorboard")
     trainer.train()
     total = sum(layer.active_rank for _, layer in elalora.adapter_layers(model))
     step_logs = [log for log in recorder.logs if "loss" in log]
@@ -301,8 +267,8 @@ def _adapter_files(directory):
 
 
 def test_checkpoints_and_save_model_hold_adapter_only_files(tmp_path):
-    model = tiny_model()
-    config = ela_config(task_type="SEQ_CLS")  # the head trains and travels with the adapter
+    model = bert_classifier()
+    config = trainer_config(task_type="SEQ_CLS")  # the head trains and travels with the adapter
     elalora.inject(model, config)
     trainer = make_trainer(tmp_path, model, ElaLoRACallback(config, write_run_record=False), max_steps=20,
                            save_strategy="steps", save_steps=10)
@@ -311,23 +277,23 @@ def test_checkpoints_and_save_model_hold_adapter_only_files(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     assert _adapter_files(tmp_path / "final")
 
-    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask")}
+    batch = classification_batch(labels=False)
     model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
     for directory in (tmp_path / "final", tmp_path / "checkpoint-20"):
-        fresh = elalora.from_pretrained(tiny_model(), directory).eval()
+        fresh = elalora.from_pretrained(bert_classifier(), directory).eval()
         with torch.no_grad():
             torch.testing.assert_close(fresh(**batch).logits, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("enable_first", [True, False], ids=["checkpointing-then-inject", "inject-then-checkpointing"])
 def test_gradient_checkpointing_gives_the_same_gradients(enable_first):
-    batch = {k: torch.stack([d[k] for d in dataset(8)]) for k in ("input_ids", "attention_mask", "labels")}
-    config = ela_config(task_type="SEQ_CLS")
+    batch = classification_batch()
+    config = trainer_config(task_type="SEQ_CLS")
 
     def adapter_grads(checkpointing):
-        model = tiny_model()
+        model = bert_classifier()
         if checkpointing and enable_first:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             # transformers 5 does this itself for text models (not before 5, nor for other inputs): inject must

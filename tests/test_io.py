@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -16,52 +15,9 @@ from elalora import _files
 from elalora.allocator_files import load_allocator_state
 from elalora.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, load_adapter, save_adapter
 
+from fixtures import TOY_INPUT, Toy, toy_config, trained_toy
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
-
-
-class Block(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.query = nn.Linear(d, d)
-        self.value = nn.Linear(d, d)
-        self.up = nn.Linear(d, h)
-        self.down = nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(self.query(x) * torch.sigmoid(self.value(x)))))
-
-
-class Toy(nn.Module):
-    def __init__(self, d=12, h=20, n=3, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layer = nn.ModuleList([Block(d, h) for _ in range(n)])
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, x):
-        for block in self.layer:
-            x = block(x)
-        return self.head(x)
-
-
-def config(**kw):
-    fields = dict(r=3, r_max=6, target_modules=("query", "value", "up", "down"), t_init=2, t_final=2,
-                  mask_interval=2, b=2, k=1, total_steps=14, seed=0)
-    fields.update(kw)
-    return elalora.ElaLoRAConfig(**fields)
-
-
-def adapted(seed=0, **kw):
-    model = Toy(seed=seed)
-    cfg = config(**kw)
-    elalora.inject(model, cfg)
-    g = torch.Generator().manual_seed(seed + 10)
-    with torch.no_grad():
-        for i, (_, layer) in enumerate(elalora.adapter_layers(model)):
-            for p in (layer.lora_P, layer.lora_lam, layer.lora_Q):
-                p.copy_(torch.randn(p.shape, generator=g))
-            layer.set_active_rank(min([1, 3, 5, 6][i % 4], layer.r_max))
-    return model, cfg
 
 
 def snapshot(model):
@@ -82,11 +38,8 @@ def active_view(model):
     return out
 
 
-X = torch.randn(7, 12, generator=torch.Generator().manual_seed(5))
-
-
 def test_round_trip_is_exact_and_stores_every_slot(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     model.head.weight.requires_grad_(True)  # a trained head is stored as extra tensors, its whole module (as PEFT)
     with torch.no_grad():
         model.head.weight.mul_(3)
@@ -108,26 +61,26 @@ def test_round_trip_is_exact_and_stores_every_slot(tmp_path):
     assert sorted(peft_config["rank_pattern"].values()) == sorted(meta["rank_pattern"].values())
 
     other = Toy(seed=0)  # the same base weights, different adapter init
-    elalora.inject(other, config(seed=7))
+    elalora.inject(other, toy_config(seed=7))
     pattern = load_adapter(other, tmp_path)
     assert pattern == meta["rank_pattern"]
     assert_same_state(snapshot(other), snapshot(model))  # every slot, mask and the head, bit for bit
     with torch.no_grad():
-        assert torch.equal(other(X), model(X))
+        assert torch.equal(other(TOY_INPUT), model(TOY_INPUT))
 
 
 def test_load_into_plain_base_injects_from_saved_config(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     save_adapter(model, tmp_path, config=cfg)
     base = Toy(seed=0)
     load_adapter(base, tmp_path)
     assert [n for n, _ in elalora.adapter_layers(base)] == [n for n, _ in elalora.adapter_layers(model)]
     with torch.no_grad():
-        assert torch.equal(base(X), model(X))
+        assert torch.equal(base(TOY_INPUT), model(TOY_INPUT))
 
 
 def test_plain_base_without_saved_config_is_a_clear_error(tmp_path):
-    model, _ = adapted()
+    model, _ = trained_toy()
     save_adapter(model, tmp_path)  # no config, no allocator
     base = Toy(seed=0)
     before = snapshot(base)
@@ -150,7 +103,7 @@ def _train_steps(model, allocator, steps, seed):
 
 
 def test_allocator_state_resumes_bit_for_bit(tmp_path):
-    cfg = config()
+    cfg = toy_config()
     a = Toy(seed=0)
     elalora.inject(a, cfg)
     alloc_a = elalora.RankAllocator(a, cfg)
@@ -161,7 +114,7 @@ def test_allocator_state_resumes_bit_for_bit(tmp_path):
     assert gen.dtype == torch.uint8
 
     b = Toy(seed=0)
-    elalora.inject(b, config(seed=0))
+    elalora.inject(b, toy_config(seed=0))
     alloc_b = elalora.RankAllocator(b, cfg)
     load_adapter(b, tmp_path, allocator=alloc_b)
     assert alloc_b.t == alloc_a.t == 6
@@ -176,7 +129,7 @@ def test_allocator_state_resumes_bit_for_bit(tmp_path):
         for x, y in zip(va[name][1:], vb[name][1:]):
             assert torch.equal(x, y), name
     with torch.no_grad():
-        assert torch.equal(a(X), b(X))
+        assert torch.equal(a(TOY_INPUT), b(TOY_INPUT))
 
 
 # ------------------------------------------------------------ mismatches
@@ -199,24 +152,24 @@ def _rewrite_weights(directory, edit):
 
 
 def test_mismatches_raise_and_leave_model_untouched(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     save_adapter(model, tmp_path / "good", config=cfg)
 
     # different layer set
-    target, _ = adapted(target_modules=("query", "value"))
+    target, _ = trained_toy(target_modules=("query", "value"))
     _expect_untouched(target, tmp_path / "good", "do not match")
     # different width
     wide = Toy(d=16, seed=0)
     elalora.inject(wide, cfg)
     _expect_untouched(wide, tmp_path / "good", "16×16|16")
     # different r_max
-    rmax, _ = adapted(r_max=5)
+    rmax, _ = trained_toy(r_max=5)
     _expect_untouched(rmax, tmp_path / "good", "r_max")
     # different scale
-    scaled, _ = adapted(lora_alpha=7.0)
+    scaled, _ = trained_toy(lora_alpha=7.0)
     _expect_untouched(scaled, tmp_path / "good", "scale")
 
-    fresh, _ = adapted(seed=3)
+    fresh, _ = trained_toy(seed=3)
     for label, edit, match in [
         ("missing", lambda t: t.pop("layer.0.query.lora_Q"), "missing"),
         ("extra", lambda t: t.__setitem__("layer.0.query.bogus", torch.zeros(1)), "unexpected"),
@@ -231,7 +184,7 @@ def test_mismatches_raise_and_leave_model_untouched(tmp_path):
     # files of two different saves
     d = tmp_path / "mixed"
     save_adapter(model, d, config=cfg)
-    other, _ = adapted(seed=4)
+    other, _ = trained_toy(seed=4)
     save_adapter(other, tmp_path / "other", config=cfg)
     (tmp_path / "other" / WEIGHTS_NAME).replace(d / WEIGHTS_NAME)
     _expect_untouched(fresh, d, "files of different saves")
@@ -254,10 +207,10 @@ def test_mismatches_raise_and_leave_model_untouched(tmp_path):
 
 
 def test_allocator_mismatch_leaves_model_and_allocator_untouched(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     alloc = elalora.RankAllocator(model, cfg)
     save_adapter(model, tmp_path, allocator=alloc)
-    other, _ = adapted(seed=2)
+    other, _ = trained_toy(seed=2)
     other_alloc = elalora.RankAllocator(other, cfg.replace(beta1=0.5))
     ema = other_alloc.ema_ipt.clone()
     _expect_untouched(other, tmp_path, "config differs", allocator=other_alloc)
@@ -268,11 +221,11 @@ def test_allocator_mismatch_leaves_model_and_allocator_untouched(tmp_path):
 
 
 def test_allocator_files_of_another_save_are_detected(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     alloc = elalora.RankAllocator(model, cfg)
     save_adapter(model, tmp_path / "a", allocator=alloc)
     save_adapter(model, tmp_path / "b", allocator=alloc)  # the same contents, another save
-    other, _ = adapted(seed=2)
+    other, _ = trained_toy(seed=2)
     other_alloc = elalora.RankAllocator(other, cfg)
     # both allocator files from the other save: they pair with each other, not with the adapter
     for name in ("allocator.json", "allocator.safetensors"):
@@ -288,7 +241,7 @@ def test_allocator_files_of_another_save_are_detected(tmp_path):
 
 
 def test_invalid_allocator_state_changes_nothing(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     alloc = elalora.RankAllocator(model, cfg)
     save_adapter(model, tmp_path, allocator=alloc)
     path = tmp_path / "allocator.safetensors"
@@ -298,7 +251,7 @@ def test_invalid_allocator_state_changes_nothing(tmp_path):
     tensors["ema_ipt"] = torch.ones_like(tensors["ema_ipt"])
     tensors["generator"] = torch.zeros(3, dtype=torch.uint8)
     save_file(tensors, str(path), metadata={**metadata, _files.DIGEST_KEY: _files.tensors_digest(tensors)})
-    other, _ = adapted(seed=2)
+    other, _ = trained_toy(seed=2)
     other_alloc = elalora.RankAllocator(other, cfg)
     _expect_untouched(other, tmp_path, "generator state is invalid", allocator=other_alloc)
     assert not other_alloc.ema_ipt.any()  # the EMAs were not copied before the generator was checked
@@ -306,7 +259,7 @@ def test_invalid_allocator_state_changes_nothing(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled", "not an object"])
 def test_damaged_config_json_is_a_load_error_naming_the_file(tmp_path, damage):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     alloc = elalora.RankAllocator(model, cfg)
     for name in (CONFIG_NAME, "allocator.json"):
         d = tmp_path / damage / name
@@ -321,14 +274,14 @@ def test_damaged_config_json_is_a_load_error_naming_the_file(tmp_path, damage):
 
 
 def test_a_peft_adapter_without_elalora_state_says_what_loads_it(tmp_path):
-    model, _ = adapted()
+    model, _ = trained_toy()
     elalora.export_peft_lora(model, tmp_path)
     with pytest.raises(AdapterLoadError, match="PeftModel.from_pretrained"):
         load_adapter(Toy(seed=0), tmp_path)
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     save_adapter(model, tmp_path, config=cfg)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
@@ -338,21 +291,21 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(_files, "save_file", broken)
-    other, _ = adapted(seed=9)
+    other, _ = trained_toy(seed=9)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(other, tmp_path, config=cfg)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # old save intact, no temp files left behind
     monkeypatch.undo()
     fresh = Toy(seed=0)
-    elalora.inject(fresh, config(seed=5))
+    elalora.inject(fresh, toy_config(seed=5))
     load_adapter(fresh, tmp_path)
     with torch.no_grad():
-        assert torch.equal(fresh(X), model(X))
+        assert torch.equal(fresh(TOY_INPUT), model(TOY_INPUT))
 
 
 def test_merged_model_cannot_be_saved_or_loaded(tmp_path):
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     save_adapter(model, tmp_path, config=cfg)
     elalora.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"):
@@ -379,7 +332,7 @@ def _offsets(path: Path) -> dict[str, int]:
 
 def test_a_flipped_byte_in_any_file_read_is_a_load_error_naming_it(tmp_path):
     """safetensors checks a file's header, not its data: each tensor file's digest catches the rest."""
-    model, cfg = adapted()
+    model, cfg = trained_toy()
     alloc = elalora.RankAllocator(model, cfg)
     good = tmp_path / "good"
     save_adapter(model, good, allocator=alloc)
@@ -389,7 +342,7 @@ def test_a_flipped_byte_in_any_file_read_is_a_load_error_naming_it(tmp_path):
             d = tmp_path / f"{name}-{where}"
             shutil.copytree(good, d)
             _flip(d / name, offset)
-            fresh, _ = adapted(seed=3)
+            fresh, _ = trained_toy(seed=3)
             fresh_alloc = elalora.RankAllocator(fresh, cfg)
             _expect_untouched(fresh, d, name.replace(".", r"\."), allocator=fresh_alloc)
             assert fresh_alloc.t == 0 and not fresh_alloc.ema_ipt.any()

@@ -20,9 +20,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import elalora  # noqa: E402
 
-import _tiny_hf as tiny  # noqa: E402
+from fixtures import hf_model, trained_hf_model  # noqa: E402
 from test_hf_checkpoints import LOGITS_TOLERANCE, logits  # noqa: E402
-from test_pretrained import trained  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +31,8 @@ CASES = [("bert", AutoModelForSequenceClassification, "SEQ_CLS"), ("gpt2", AutoM
 def trained_from_hub(tmp_path, family, auto, task):
     """A model loaded from a local 'hub' folder (so it records its base's name), injected, as after training."""
     hub = tmp_path / "hub"
-    tiny.model(family, auto=auto).save_pretrained(hub)
-    model = trained(family, auto, task)
+    hf_model(family, auto).save_pretrained(hub)
+    model = trained_hf_model(family, auto, task)
     model.config._name_or_path = str(hub)
     return model.eval()
 
@@ -74,12 +73,13 @@ def test_push_to_hub_uploads_the_adapter_files(tmp_path):
 
 
 def test_a_model_without_a_base_name_loads_too_and_merged_saves_plainly(tmp_path):
-    model = trained("bert", AutoModelForSequenceClassification, "SEQ_CLS").eval()  # built from a config: no name
+    # built from a config: no base name
+    model = trained_hf_model("bert", AutoModelForSequenceClassification, "SEQ_CLS").eval()
     model.save_pretrained(tmp_path / "nameless")
     expected = logits(model)
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "nameless").eval()
     torch.testing.assert_close(logits(plain), expected, **LOGITS_TOLERANCE)
-    base = tiny.model("bert", auto=AutoModelForSequenceClassification)
+    base = hf_model("bert", AutoModelForSequenceClassification)
     torch.testing.assert_close(logits(elalora.from_pretrained(base, tmp_path / "nameless").eval()), expected,
                                rtol=0, atol=0)
     merged = elalora.merge_and_unload(model)

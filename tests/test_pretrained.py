@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import elalora  # noqa: E402
 from elalora.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError  # noqa: E402
 
-import _tiny_hf as tiny  # noqa: E402
+from fixtures import hf_model, input_ids, trained_hf_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,25 +27,9 @@ CASES = [
 ]
 
 
-def trained(family, auto, task, seed=0):
-    """An adapted model whose adapters, ranks and head differ from a fresh one (as after training)."""
-    model = tiny.model(family, auto=auto, seed=seed)
-    elalora.inject(model, elalora.ElaLoRAConfig(r=2, r_max=4, task_type=task, seed=3))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for i, (_, layer) in enumerate(elalora.adapter_layers(model)):
-            for p in (layer.lora_P, layer.lora_lam, layer.lora_Q):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            layer.set_active_rank(1 + i % 4)  # ranks moved: 1..4 of r_max 4
-        for name, p in model.named_parameters():
-            if p.requires_grad and ".lora_" not in name:
-                p.add_(torch.randn(p.shape, generator=g))  # a trained head
-    return model
-
-
 def logits(model, ids=None):
     with torch.no_grad():
-        return model(input_ids=tiny.input_ids() if ids is None else ids).logits
+        return model(input_ids=input_ids() if ids is None else ids).logits
 
 
 def files(directory):
@@ -54,7 +38,7 @@ def files(directory):
 
 @pytest.mark.parametrize("family, auto, task", CASES)
 def test_round_trip_onto_a_fresh_base_model_is_exact(tmp_path, family, auto, task):
-    model = trained(family, auto, task)
+    model = trained_hf_model(family, auto, task)
     expected = logits(model)
     elalora.save_pretrained(model, tmp_path)
     assert files(tmp_path) == ["adapter_config.json", "adapter_model.safetensors", CONFIG_NAME, WEIGHTS_NAME]
@@ -64,7 +48,7 @@ def test_round_trip_onto_a_fresh_base_model_is_exact(tmp_path, family, auto, tas
     assert all(".lora_" in k or k.startswith("extra.") for k in saved)  # no base weight
     assert any(k.startswith("extra.") for k in saved) == (task == "SEQ_CLS")  # the head travels
 
-    fresh = tiny.model(family, auto=auto, seed=0)  # same base weights, fresh random head
+    fresh = hf_model(family, auto)  # same base weights, fresh random head
     loaded = elalora.from_pretrained(fresh, tmp_path)
     assert loaded is fresh
     assert not any(p.requires_grad for p in fresh.parameters())  # for inference by default, as in PEFT
@@ -72,7 +56,7 @@ def test_round_trip_onto_a_fresh_base_model_is_exact(tmp_path, family, auto, tas
     assert {n: l.active_rank for n, l in elalora.adapter_layers(fresh)} == {
         n: l.active_rank for n, l in elalora.adapter_layers(model)}
     assert fresh.elalora_config == model.elalora_config
-    trainable = elalora.from_pretrained(tiny.model(family, auto=auto, seed=0), tmp_path, is_trainable=True)
+    trainable = elalora.from_pretrained(hf_model(family, auto), tmp_path, is_trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -88,8 +72,8 @@ def _assert_unchanged(model, before):
 
 
 def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
-    elalora.save_pretrained(trained("gpt2", AutoModelForSequenceClassification, "SEQ_CLS"), tmp_path)
-    target = tiny.model("bert", auto=AutoModelForSequenceClassification)
+    elalora.save_pretrained(trained_hf_model("gpt2", AutoModelForSequenceClassification, "SEQ_CLS"), tmp_path)
+    target = hf_model("bert", AutoModelForSequenceClassification)
     before = _state(target)
     with pytest.raises(AdapterLoadError, match=r"adapters for a 'gpt2' model, but the base model is 'bert'"):
         elalora.from_pretrained(target, tmp_path)
@@ -105,7 +89,7 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
     ("unknown config field", r"elalora_config.json: ElaLoRAConfig: unknown fields \['from_the_future'\]"),
 ])
 def test_missing_or_truncated_file_is_rejected(tmp_path, damage, message):
-    elalora.save_pretrained(trained("bert", AutoModelForSequenceClassification, "SEQ_CLS"), tmp_path)
+    elalora.save_pretrained(trained_hf_model("bert", AutoModelForSequenceClassification, "SEQ_CLS"), tmp_path)
     if damage == "missing config":
         os.remove(tmp_path / CONFIG_NAME)
     elif damage == "missing weights":
@@ -118,7 +102,7 @@ def test_missing_or_truncated_file_is_rejected(tmp_path, damage, message):
         name = WEIGHTS_NAME if damage == "truncated weights" else "adapter_model.safetensors"
         data = (tmp_path / name).read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 2])
-    target = tiny.model("bert", auto=AutoModelForSequenceClassification)
+    target = hf_model("bert", AutoModelForSequenceClassification)
     before = _state(target)
     with pytest.raises(AdapterLoadError, match=message):
         elalora.from_pretrained(target, tmp_path)
@@ -126,12 +110,12 @@ def test_missing_or_truncated_file_is_rejected(tmp_path, damage, message):
 
 
 def test_from_pretrained_needs_a_fresh_model_and_save_needs_inject(tmp_path):
-    model = trained("bert", AutoModelForSequenceClassification, "SEQ_CLS")
+    model = trained_hf_model("bert", AutoModelForSequenceClassification, "SEQ_CLS")
     elalora.save_pretrained(model, tmp_path)
     with pytest.raises(AdapterLoadError, match="already holds ElaLoRA adapters"):
         elalora.from_pretrained(model, tmp_path)
     with pytest.raises(ValueError, match="carries no ElaLoRA config"):
-        elalora.save_pretrained(tiny.model("bert"), tmp_path / "other")
+        elalora.save_pretrained(hf_model("bert"), tmp_path / "other")
 
 
 # merged in the weight's dtype: float32 rounding of W + ΔW, bfloat16 rounding (8 bits of mantissa)
@@ -141,7 +125,7 @@ MERGE_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: di
 @pytest.mark.parametrize("dtype", sorted(MERGE_TOLERANCE, key=str))
 @pytest.mark.parametrize("family, auto, task", CASES)
 def test_merge_and_unload_loads_with_plain_transformers(tmp_path, family, auto, task, dtype):
-    model = trained(family, auto, task).to(dtype)
+    model = trained_hf_model(family, auto, task).to(dtype)
     expected = logits(model)
     unloaded = elalora.merge_and_unload(model)
     assert unloaded is model and not elalora.adapter_layers(model)
@@ -153,7 +137,7 @@ def test_merge_and_unload_loads_with_plain_transformers(tmp_path, family, auto, 
 
 
 def test_merge_and_unload_restores_the_base_layer_types():
-    model = tiny.model("gpt2", auto=AutoModelForSequenceClassification)
+    model = hf_model("gpt2", AutoModelForSequenceClassification)
     types = {n: type(m) for n, m in model.named_modules()}
     elalora.inject(model, elalora.ElaLoRAConfig(r=2, task_type="SEQ_CLS"))
     elalora.merge_and_unload(model)
@@ -163,7 +147,7 @@ def test_merge_and_unload_restores_the_base_layer_types():
 
 
 def test_print_trainable_parameters(capsys):
-    model = tiny.model("bert", auto=AutoModelForSequenceClassification)
+    model = hf_model("bert", AutoModelForSequenceClassification)
     total = sum(p.numel() for p in model.parameters())
     elalora.inject(model, elalora.ElaLoRAConfig(r=2, r_max=4, task_type="SEQ_CLS"))
     layers = [layer for _, layer in elalora.adapter_layers(model)]

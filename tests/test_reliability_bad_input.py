@@ -11,6 +11,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
+from fixtures import TinyNet, small_config  # noqa: E402
 import elalora  # noqa: E402
 from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, inject  # noqa: E402
 from elalora.reallocation import plan_round  # noqa: E402
@@ -179,19 +180,19 @@ def test_inject_rejects_non_config():
 
 def test_inject_rejects_no_match():
     with pytest.raises(ValueError, match=r"matched no nn.Linear.*linear layers include"):
-        inject(U.TinyNet(), ElaLoRAConfig(target_modules=("nothing",)))
+        inject(TinyNet(), ElaLoRAConfig(target_modules=("nothing",)))
 
 
 def test_inject_rejects_twice():
     model, _ = U.build()
     with pytest.raises(ValueError, match="already holds ElaLoRA adapters"):
-        inject(model, U.small_config())
+        inject(model, small_config())
 
 
 # --------------------------------------------------------------- allocator
 def test_allocator_rejects_non_module():
     with pytest.raises(TypeError, match=r"RankAllocator expects an nn.Module as model, got str"):
-        RankAllocator("model", U.small_config())
+        RankAllocator("model", small_config())
 
 
 def test_allocator_rejects_non_config():
@@ -202,26 +203,26 @@ def test_allocator_rejects_non_config():
 
 def test_allocator_rejects_model_without_adapters():
     with pytest.raises(ValueError, match=r"no ElaLoRALinear layers \(call elalora.inject first\)"):
-        RankAllocator(U.TinyNet(), U.small_config())
+        RankAllocator(TinyNet(), small_config())
 
 
 def test_allocator_requires_total_steps():
     model, _ = U.build()
     with pytest.raises(ValueError, match="total_steps is required"):
-        RankAllocator(model, U.small_config(total_steps=None))
+        RankAllocator(model, small_config(total_steps=None))
 
 
 @pytest.mark.parametrize("total", [0, 2.5, 5])
 def test_allocator_rejects_bad_total_steps(total):
     model, _ = U.build()
     with pytest.raises(ValueError, match=r"ElaLoRAConfig.total_steps"):
-        RankAllocator(model, U.small_config(total_steps=None), total_steps=total)
+        RankAllocator(model, small_config(total_steps=None), total_steps=total)
 
 
 def test_allocator_rejects_non_optimizer():
     model, _ = U.build()
     with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer or None, got list"):
-        RankAllocator(model, U.small_config(), optimizer=list(model.parameters()))
+        RankAllocator(model, small_config(), optimizer=list(model.parameters()))
 
 
 def test_allocator_rejects_optimizer_without_the_adapters():
@@ -229,25 +230,25 @@ def test_allocator_rejects_optimizer_without_the_adapters():
     other, _ = U.build()
     opt = U.make_optimizer(other)
     with pytest.raises(ValueError, match=r"optimizer does not hold .*12 adapter parameters.*b0.query.lora_P"):
-        RankAllocator(model, U.small_config(), opt)
+        RankAllocator(model, small_config(), opt)
 
 
 def test_allocator_rejects_mixed_r_max():
     model = nn.Sequential(ElaLoRALinear(4, 4, r=2, r_max=4), ElaLoRALinear(4, 4, r=2, r_max=6))
     with pytest.raises(ValueError, match=r"every layer must share one r_max, found \[4, 6\]"):
-        RankAllocator(model, U.small_config(r=2, r_max=4))
+        RankAllocator(model, small_config(r=2, r_max=4))
 
 
 def test_allocator_rejects_non_bool_skip_flag():
     model, _ = U.build()
-    alloc = RankAllocator(model, U.small_config())
+    alloc = RankAllocator(model, small_config())
     with pytest.raises(TypeError, match=r"optimizer_skipped must be a bool \(got str\)"):
         alloc.step(optimizer_skipped="yes")
 
 
 def test_allocator_step_rejects_merged_model():
     model, _ = U.build()
-    alloc = RankAllocator(model, U.small_config())
+    alloc = RankAllocator(model, small_config())
     elalora.merge(model)
     with pytest.raises(RuntimeError, match="unmerge the adapters before training"):
         alloc.step()

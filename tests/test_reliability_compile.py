@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
+from fixtures import small_config  # noqa: E402
 from elalora import ElaLoRALinear, RankAllocator  # noqa: E402
 
 STEPS = 12  # rounds at t = 5, 7 (total_steps=12, t_init=3, t_final=3, mask_interval=2)
@@ -27,7 +28,7 @@ RTOL, ATOL = 1e-4, 1e-5  # compiled vs eager float32; SGD keeps ULP differences 
 
 def _train(backend: str | None, steps: int = STEPS):
     torch._dynamo.reset()
-    config = U.small_config(total_steps=steps)
+    config = small_config(total_steps=steps)
     model, _ = U.build(config)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     alloc = RankAllocator(model, config, opt)

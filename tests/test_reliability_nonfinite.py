@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
+from fixtures import small_config  # noqa: E402
 from elalora import RankAllocator  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: two threads crawl on a busy machine
@@ -33,7 +34,7 @@ def _expected_ema(w, g, ipt, unc, b1, b2):
 
 
 def test_nonfinite_elements_keep_their_emas_and_are_counted():
-    config = U.small_config()
+    config = small_config()
     model, _ = U.build(config)
     alloc = RankAllocator(model, config)
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_nonfinite_elements_keep_their_emas_and_are_counted():
 
 def test_zero_weight_times_inf_gradient_is_nonfinite():
     """λ starts at exactly 0: 0·inf = nan must be skipped, not written as NaN."""
-    config = U.small_config()
+    config = small_config()
     model, _ = U.build(config)
     alloc = RankAllocator(model, config)
     _random_grads(alloc, 0)
@@ -86,7 +87,7 @@ def test_zero_weight_times_inf_gradient_is_nonfinite():
 
 
 def test_clean_step_has_no_warning():
-    config = U.small_config()
+    config = small_config()
     model, _ = U.build(config)
     alloc = RankAllocator(model, config)
     _random_grads(alloc, 0)
@@ -96,7 +97,7 @@ def test_clean_step_has_no_warning():
 
 
 def test_optimizer_skipped_step_is_a_noop():
-    config = U.small_config()
+    config = small_config()
     model, _ = U.build(config)
     alloc = RankAllocator(model, config)
     _random_grads(alloc, 0)
@@ -110,7 +111,7 @@ def test_optimizer_skipped_step_is_a_noop():
 
 def _scaler_run(inject_at: int | None, steps: int = 16):
     """Train with a CPU GradScaler; ``inject_at``: an extra overflowing step before that step."""
-    config = U.small_config(total_steps=steps)
+    config = small_config(total_steps=steps)
     model, _ = U.build(config)
     opt = U.make_optimizer(model)
     sched = U.make_scheduler(opt, steps)

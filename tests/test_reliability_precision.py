@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
+from fixtures import small_config  # noqa: E402
 from elalora import RankAllocator  # noqa: E402
 from elalora.reallocation import plan_round  # noqa: E402
 
@@ -47,7 +48,7 @@ def _run(mode: str | None, steps: int, total_steps: int = 24, tables: list | Non
     # The paper's start: this toy's SGD at lr 0.5 is stable under it. Under init="zero_p" (P = 0, λ = 1, the
     # adapter trains from step 1) the same lr is chaotic (fp32 eval loss 1.175 against 1.077 at lr 0.1), and
     # rounding differences grow into 4-7% of loss: a property of that run, not of the precision handling.
-    config = U.small_config(total_steps=total_steps, init="paper")
+    config = small_config(total_steps=total_steps, init="paper")
     model, _ = U.build(config, dtype=pdtype)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     alloc = RankAllocator(model, config, opt)
@@ -146,7 +147,7 @@ def test_training_through_rounds_within_tolerance_of_fp32(mode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_score_update_upcasts_low_precision_inputs(dtype):
     """One EMA update on low-precision (w, g) equals float32 math on the upcast values."""
-    config = U.small_config()
+    config = small_config()
     model, _ = U.build(config, dtype=dtype)
     alloc = RankAllocator(model, config)
     g = torch.Generator().manual_seed(3)

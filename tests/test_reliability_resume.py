@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _reliability_util as U  # noqa: E402
+from fixtures import small_config  # noqa: E402
 from elalora import RankAllocator  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resume_worker.py")
@@ -36,14 +37,14 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
 
 # ------------------------------------------------------------ rejections
 def _allocator(config=None, model_config=None):
-    config = config or U.small_config()
+    config = config or small_config()
     model, _ = U.build(model_config or config)
     return RankAllocator(model, config, U.make_optimizer(model))
 
 
 def test_load_state_dict_rejects_other_model():
     state = _allocator().state_dict()
-    other_cfg = U.small_config(target_modules=("query",))
+    other_cfg = small_config(target_modules=("query",))
     other = _allocator(other_cfg)
     with pytest.raises(ValueError, match="different model"):
         other.load_state_dict(state)
@@ -51,14 +52,14 @@ def test_load_state_dict_rejects_other_model():
 
 def test_load_state_dict_rejects_other_config():
     state = _allocator().state_dict()
-    other = _allocator(U.small_config(beta1=0.9))
+    other = _allocator(small_config(beta1=0.9))
     with pytest.raises(ValueError, match="config differs.*beta1"):
         other.load_state_dict(state)
 
 
 def test_load_state_dict_rejects_other_total_steps():
     state = _allocator().state_dict()
-    other = _allocator(U.small_config(total_steps=40))
+    other = _allocator(small_config(total_steps=40))
     with pytest.raises(ValueError, match="total_steps"):
         other.load_state_dict(state)
 
@@ -98,7 +99,7 @@ def test_rejected_load_leaves_allocator_untouched():
 def test_load_state_dict_rejects_model_with_other_ranks():
     """Loading the allocator into a model whose masks were not restored would
     silently pair EMAs with the wrong slots: it must be refused."""
-    config = U.small_config()
+    config = small_config()
     model, _ = U.build(config)
     opt = U.make_optimizer(model)
     alloc = RankAllocator(model, config, opt)

@@ -13,7 +13,7 @@ import elalora
 from elalora import _files
 from elalora.io import load_adapter, save_adapter
 
-from test_io import X, Toy, adapted
+from fixtures import TOY_INPUT, Toy, trained_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,8 +23,8 @@ class Killed(BaseException):
 
 
 def _two_saves():
-    a, cfg = adapted(seed=0)
-    b, _ = adapted(seed=0)  # the same base weights, other adapters and ranks
+    a, cfg = trained_toy(seed=0)
+    b, _ = trained_toy(seed=0)  # the same base weights, other adapters and ranks
     with torch.no_grad():
         for _, layer in elalora.adapter_layers(b):
             layer.lora_lam.mul_(-2)
@@ -37,7 +37,7 @@ def _loaded_output(directory, cfg):
     elalora.inject(fresh, cfg)
     load_adapter(fresh, directory, allocator=elalora.RankAllocator(fresh, cfg))  # the allocator state must pair
     with torch.no_grad():
-        return fresh(X)
+        return fresh(TOY_INPUT)
 
 
 def _kill_at_rename(monkeypatch, allowed):
@@ -65,11 +65,11 @@ def test_killed_before_its_commit_point_the_previous_save_stays(tmp_path, monkey
     monkeypatch.undo()
     assert list(tmp_path.glob(".*.tmp"))  # the new save's files, never committed
     with torch.no_grad():
-        assert torch.equal(_loaded_output(tmp_path, cfg), a(X))
+        assert torch.equal(_loaded_output(tmp_path, cfg), a(TOY_INPUT))
     save_adapter(b, tmp_path, allocator=alloc_b)  # the next save clears them away
     assert not list(tmp_path.glob(".*.tmp"))
     with torch.no_grad():
-        assert torch.equal(_loaded_output(tmp_path, cfg), b(X))
+        assert torch.equal(_loaded_output(tmp_path, cfg), b(TOY_INPUT))
 
 
 @pytest.mark.parametrize("renamed", [1, 3, 5])
@@ -82,7 +82,7 @@ def test_killed_after_its_commit_point_a_reader_finishes_the_save(tmp_path, monk
     monkeypatch.undo()
     assert len(done) == 1 + renamed and (tmp_path / _files.JOURNAL).is_file()
     with torch.no_grad():
-        assert torch.equal(_loaded_output(tmp_path, cfg), b(X))
+        assert torch.equal(_loaded_output(tmp_path, cfg), b(TOY_INPUT))
     assert not (tmp_path / _files.JOURNAL).exists() and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -92,7 +92,7 @@ def test_writer_killed_at_random_moments_never_loses_the_previous_save(tmp_path)
     """A forked writer saves two adapters in turns and is SIGKILLed at a random moment, over and over."""
     (a, alloc_a), (b, alloc_b), cfg = _two_saves()
     with torch.no_grad():
-        expected = {"a": a(X), "b": b(X)}
+        expected = {"a": a(TOY_INPUT), "b": b(TOY_INPUT)}
     save_adapter(a, tmp_path, allocator=alloc_a)
     start = time.perf_counter()
     save_adapter(a, tmp_path, allocator=alloc_a)
