@@ -1,8 +1,8 @@
 """Triton orthogonality penalty (one launch forward, one backward) against the reference.
 
-Same rule as tests/test_cpu_orth_penalty.py: value and gradients within a small
-multiple of the reference's own error against its float64 evaluation. Small
-shapes: the interpreter costs milliseconds per program.
+Value and gradients under the float64-oracle rule of tests/_kernel_oracle.py, as the CPU
+op's in tests/kernels/test_cpu_orth_penalty.py. Small shapes: the interpreter costs
+milliseconds per program.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from elalora_kernels import reference
-from test_cpu_adapter import TOL, _assert_within_eager_error
-from test_cpu_orth_penalty import _factors, _run
+from _kernel_cases import orth_factors, penalty_and_grads, penalty_names
+from _kernel_oracle import assert_within_eager_error, rounded
 
 triton_backend = pytest.importorskip("elalora_kernels.triton")
 triton_orth = importlib.import_module("elalora_kernels.triton.orth_penalty")  # the module (the package exports the op)
@@ -23,17 +23,16 @@ SHAPES = [(7, 5), (1, 1), (20, 7), (7, 5)]  # odd sizes, 1×1, a repeated shape
 
 @pytest.mark.parametrize("pattern", ["r_active=1", "r_active=r_max", "scattered", "none"])
 @pytest.mark.parametrize("r", [1, 7, 17])
-@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_value_and_gradients_within_eager_error_of_float64(device, dtype, r, pattern):
-    Ps, Qs, actives = _factors(SHAPES, r, pattern)
+    Ps, Qs, actives = orth_factors(SHAPES, r, pattern)
     Ps, Qs, actives = ([t.to(device) for t in ts] for ts in (Ps, Qs, actives))
-    rounded = [[t.to(dtype).double() for t in ts] for ts in (Ps, Qs)]
-    exact = _run(reference.orth_penalty, *rounded, actives, torch.float64, compute_dtype=torch.float64)
-    eager = _run(reference.orth_penalty, Ps, Qs, actives, dtype)
-    ours = _run(triton_backend.orth_penalty, Ps, Qs, actives, dtype)
+    exact_Ps, exact_Qs = ([rounded(t, dtype) for t in ts] for ts in (Ps, Qs))
+    exact = penalty_and_grads(reference.orth_penalty, exact_Ps, exact_Qs, actives, torch.float64, compute_dtype=torch.float64)
+    eager = penalty_and_grads(reference.orth_penalty, Ps, Qs, actives, dtype)
+    ours = penalty_and_grads(triton_backend.orth_penalty, Ps, Qs, actives, dtype)
     assert ours[0].dtype == torch.float32 and all(g.dtype == dtype for g in ours[1:])
-    names = ["value"] + [f"P{m}" for m in range(len(Ps))] + [f"Q{m}" for m in range(len(Qs))]
-    _assert_within_eager_error([t.cpu() for t in ours], [t.cpu() for t in eager], [t.cpu() for t in exact], dtype, names)
+    assert_within_eager_error(ours, eager, exact, dtype, penalty_names(len(Ps)))
 
 
 class _Counted:
@@ -52,7 +51,7 @@ def test_one_launch_per_direction_whatever_the_shapes(device, monkeypatch):
     backward = _Counted(triton_orth._backward_kernel)
     monkeypatch.setattr(triton_orth, "_forward_kernel", forward)
     monkeypatch.setattr(triton_orth, "_backward_kernel", backward)
-    Ps, Qs, actives = _factors(SHAPES, 4, "scattered", seed=1)
+    Ps, Qs, actives = orth_factors(SHAPES, 4, "scattered", seed=1)
     Ps = [p.float().to(device).requires_grad_(True) for p in Ps]
     Qs = [q.float().to(device).requires_grad_(True) for q in Qs]
     actives = [a.to(device) for a in actives]
@@ -66,7 +65,7 @@ def test_one_launch_per_direction_whatever_the_shapes(device, monkeypatch):
 
 
 def test_float64_and_mixed_dtypes_take_torch_ops(device):
-    Ps, Qs, actives = _factors(SHAPES[:2], 3, "scattered", seed=2)
+    Ps, Qs, actives = orth_factors(SHAPES[:2], 3, "scattered", seed=2)
     Ps, Qs, actives = ([t.to(device) for t in ts] for ts in (Ps, Qs, actives))
     for qs in (Qs, [Qs[0].float(), Qs[1]]):
         torch.testing.assert_close(
@@ -75,7 +74,7 @@ def test_float64_and_mixed_dtypes_take_torch_ops(device):
 
 
 def test_argument_errors(device):
-    Ps, Qs, actives = _factors(SHAPES[:2], 3, "scattered", seed=3)
+    Ps, Qs, actives = orth_factors(SHAPES[:2], 3, "scattered", seed=3)
     with pytest.raises(ValueError, match="orth_penalty: 2 P, 1 Q and 2 active masks"):
         triton_backend.orth_penalty(Ps, Qs[:1], actives, 0.1)
     with pytest.raises(ValueError, match="orth_penalty: no matrices"):

@@ -1,8 +1,6 @@
 """The fused orthogonality penalty (elalora_kernels.cpu.orth_penalty, csrc/orth_penalty.cpp) against the reference.
 
-Value and gradients follow the float64-oracle rule of test_cpu_adapter.py: the
-op's error against the reference evaluated in float64 (on the same inputs) is
-within a small multiple of the error of the reference itself run as shipped.
+Value and gradients follow the float64-oracle rule of tests/_kernel_oracle.py.
 """
 from __future__ import annotations
 
@@ -12,7 +10,8 @@ import torch
 import elalora_kernels
 from elalora_kernels import _extension, cpu, reference, torch_ops
 from elalora_kernels.cpu import orth_penalty
-from test_cpu_adapter import TOL, _assert_within_eager_error
+from _kernel_cases import PATTERNS, orth_factors, penalty_and_grads, penalty_names
+from _kernel_oracle import assert_within_eager_error, rounded
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="the C++ extension is not built")
 
@@ -24,55 +23,26 @@ SHAPE_SETS = {
 }
 
 
-def _pattern(name: str, r: int) -> list[bool]:
-    return {
-        "r_active=1": [j == 0 for j in range(r)],
-        "r_active=r_max": [True] * r,
-        "none": [False] * r,
-        "scattered": [j % 3 != 1 for j in range(r)],
-        "packed half": [j < (r + 1) // 2 for j in range(r)],
-    }[name]
-
-
-PATTERNS = ["r_active=1", "r_active=r_max", "none", "scattered", "packed half"]
-
-
-def _factors(shapes, r, pattern, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    Ps = [torch.randn(o, r, generator=gen, dtype=torch.float64) * 0.3 for o, _ in shapes]
-    Qs = [torch.randn(r, i, generator=gen, dtype=torch.float64) * 0.3 for _, i in shapes]
-    actives = [torch.tensor(_pattern(pattern, r)) for _ in shapes]
-    return Ps, Qs, actives
-
-
-def _run(fn, Ps, Qs, actives, dtype, **kw):
-    Ps = [p.to(dtype).requires_grad_(True) for p in Ps]
-    Qs = [q.to(dtype).requires_grad_(True) for q in Qs]
-    value = fn(Ps, Qs, actives, 0.1, **kw)
-    return [value.detach(), *torch.autograd.grad(value, Ps + Qs)]
-
-
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("r", [1, 7, 16])
-@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shapes", list(SHAPE_SETS), ids=str)
 def test_value_and_gradients_within_eager_error_of_float64(shapes, dtype, r, pattern):
-    Ps, Qs, actives = _factors(SHAPE_SETS[shapes], r, pattern)
-    rounded = [[t.to(dtype).double() for t in ts] for ts in (Ps, Qs)]
-    exact = _run(reference.orth_penalty, *rounded, actives, torch.float64, compute_dtype=torch.float64)
-    eager = _run(reference.orth_penalty, Ps, Qs, actives, dtype)
-    ours = _run(orth_penalty, Ps, Qs, actives, dtype)
+    Ps, Qs, actives = orth_factors(SHAPE_SETS[shapes], r, pattern)
+    exact_Ps, exact_Qs = ([rounded(t, dtype) for t in ts] for ts in (Ps, Qs))
+    exact = penalty_and_grads(reference.orth_penalty, exact_Ps, exact_Qs, actives, torch.float64, compute_dtype=torch.float64)
+    eager = penalty_and_grads(reference.orth_penalty, Ps, Qs, actives, dtype)
+    ours = penalty_and_grads(orth_penalty, Ps, Qs, actives, dtype)
     assert ours[0].dtype == torch.float32 and ours[0].shape == ()
     assert all(g.dtype == dtype for g in ours[1:])
-    names = ["value"] + [f"P{m}" for m in range(len(Ps))] + [f"Q{m}" for m in range(len(Qs))]
-    _assert_within_eager_error(ours, eager, exact, dtype, names)
+    assert_within_eager_error(ours, eager, exact, dtype, penalty_names(len(Ps)))
 
 
 def test_float64_inputs_match_the_reference():
     """float64 factors are computed in float32, as the reference does, and get float64 gradients."""
-    Ps, Qs, actives = _factors(SHAPE_SETS["mixed"], 6, "scattered", seed=1)
-    ours = _run(orth_penalty, Ps, Qs, actives, torch.float64)
-    ref = _run(reference.orth_penalty, Ps, Qs, actives, torch.float64)
+    Ps, Qs, actives = orth_factors(SHAPE_SETS["mixed"], 6, "scattered", seed=1)
+    ours = penalty_and_grads(orth_penalty, Ps, Qs, actives, torch.float64)
+    ref = penalty_and_grads(reference.orth_penalty, Ps, Qs, actives, torch.float64)
     assert all(g.dtype == torch.float64 for g in ours[1:])
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -80,12 +50,12 @@ def test_float64_inputs_match_the_reference():
 
 def test_inactive_slots_add_nothing_and_get_exact_zero_gradient():
     shapes, r = SHAPE_SETS["mixed"], 5
-    Ps, Qs, actives = _factors(shapes, r, "scattered", seed=2)
-    base = _run(orth_penalty, Ps, Qs, actives, torch.float32)
+    Ps, Qs, actives = orth_factors(shapes, r, "scattered", seed=2)
+    base = penalty_and_grads(orth_penalty, Ps, Qs, actives, torch.float32)
     for P, Q, a in zip(Ps, Qs, actives):
         P[:, ~a] = 1e3
         Q[~a] = float("nan")
-    again = _run(orth_penalty, Ps, Qs, actives, torch.float32)
+    again = penalty_and_grads(orth_penalty, Ps, Qs, actives, torch.float32)
     assert torch.equal(again[0], base[0])
     M = len(shapes)
     for m, a in enumerate(actives):
@@ -94,11 +64,11 @@ def test_inactive_slots_add_nothing_and_get_exact_zero_gradient():
 
 
 def test_same_bits_at_any_thread_count_and_with_or_without_gradients():
-    Ps, Qs, actives = _factors(SHAPE_SETS["mixed"] * 3, 8, "packed half", seed=3)
+    Ps, Qs, actives = orth_factors(SHAPE_SETS["mixed"] * 3, 8, "packed half", seed=3)
     torch.set_num_threads(1)
-    one = _run(orth_penalty, Ps, Qs, actives, torch.float32)
+    one = penalty_and_grads(orth_penalty, Ps, Qs, actives, torch.float32)
     torch.set_num_threads(2)
-    two = _run(orth_penalty, Ps, Qs, actives, torch.float32)
+    two = penalty_and_grads(orth_penalty, Ps, Qs, actives, torch.float32)
     with torch.no_grad():
         value_only = orth_penalty([p.float() for p in Ps], [q.float() for q in Qs], actives, 0.1)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
@@ -106,7 +76,7 @@ def test_same_bits_at_any_thread_count_and_with_or_without_gradients():
 
 
 def test_gradient_is_scaled_by_the_incoming_gradient():
-    Ps, Qs, actives = _factors(SHAPE_SETS["odd"], 4, "r_active=r_max", seed=4)
+    Ps, Qs, actives = orth_factors(SHAPE_SETS["odd"], 4, "r_active=r_max", seed=4)
     Ps = [p.float().requires_grad_(True) for p in Ps]
     Qs = [q.float().requires_grad_(True) for q in Qs]
     plain = torch.autograd.grad(orth_penalty(Ps, Qs, actives, 0.1), Ps + Qs)
@@ -117,14 +87,14 @@ def test_gradient_is_scaled_by_the_incoming_gradient():
 
 def test_non_contiguous_factors():
     """Views with strides (a column-major P, every other column of Q) are read in place."""
-    Ps, Qs, actives = _factors([(9, 30), (20, 11)], 6, "scattered", seed=5)
+    Ps, Qs, actives = orth_factors([(9, 30), (20, 11)], 6, "scattered", seed=5)
     Ps, Qs = [p.float() for p in Ps], [q.float() for q in Qs]
     Ps_view = [p.t().contiguous().t().requires_grad_(True) for p in Ps]
     Qs_view = [torch.stack([q, q], dim=2).flatten(1)[:, ::2].requires_grad_(True) for q in Qs]
     assert not any(t.is_contiguous() for t in Ps_view + Qs_view)
     value = orth_penalty(Ps_view, Qs_view, actives, 0.1)
     ours = [value.detach(), *torch.autograd.grad(value, Ps_view + Qs_view)]
-    ref = _run(reference.orth_penalty, Ps, Qs, actives, torch.float32)
+    ref = penalty_and_grads(reference.orth_penalty, Ps, Qs, actives, torch.float32)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -139,7 +109,7 @@ def test_non_contiguous_factors():
     ],
 )
 def test_bad_arguments_raise_a_clear_error(change, message):
-    Ps, Qs, actives = _factors([(5, 6), (7, 8)], 4, "scattered", seed=6)
+    Ps, Qs, actives = orth_factors([(5, 6), (7, 8)], 4, "scattered", seed=6)
     Ps, Qs = [p.float() for p in Ps], [q.float() for q in Qs]
     if change == "drop a Q":
         Qs = Qs[:1]
@@ -156,7 +126,7 @@ def test_bad_arguments_raise_a_clear_error(change, message):
 @elalora_kernels.use_backend("cpu")
 def test_dispatch_runs_the_fused_op_on_cpu_and_batched_ops_without_the_extension(monkeypatch):
     assert cpu.orth_penalty is orth_penalty
-    Ps, Qs, actives = _factors(SHAPE_SETS["mixed"], 4, "packed half", seed=7)
+    Ps, Qs, actives = orth_factors(SHAPE_SETS["mixed"], 4, "packed half", seed=7)
     Ps, Qs = [p.float() for p in Ps], [q.float() for q in Qs]
     fused = elalora_kernels.orth_penalty(Ps, Qs, actives, 0.1)
     calls = []

@@ -124,6 +124,6 @@ def test_orth_penalty_inactive_slots_are_cut_out():
 
 @elalora_kernels.use_backend("cpu")
 def test_cpu_backend_and_dispatch_score_per_matrix():
-    assert cpu.rank_scores is reference.rank_scores  # the orthogonality penalty: tests/test_cpu_orth_penalty.py
+    assert cpu.rank_scores is reference.rank_scores  # the orthogonality penalty: test_cpu_orth_penalty.py
     ipt, unc = _emas(MIXED, 4, seed=5)
     assert torch.equal(elalora_kernels.rank_scores(ipt, unc), reference.rank_scores(ipt, unc))

@@ -1,10 +1,5 @@
-"""The adapter linear autograd op (``elalora_kernels.torch_ops.adapter_linear``, the CPU backend's) against the reference.
-
-Tolerances mean something: in every precision, the fast op's error against a
-float64 evaluation of the reference must be within a small multiple of the
-error plain eager PyTorch (the reference run in that precision) makes, plus a
-floor of a few units of the precision's epsilon relative to the output's size
-(the floor only matters where eager happens to be exact).
+"""The adapter linear autograd op (``elalora_kernels.torch_ops.adapter_linear``, the CPU backend's) against the
+reference, under the float64-oracle rule of tests/_kernel_oracle.py.
 """
 from __future__ import annotations
 
@@ -14,14 +9,10 @@ import torch
 import elalora_kernels
 from elalora import ElaLoRALinear
 from elalora_kernels import dispatch, reference
-from elalora_kernels.cpu import adapter_linear
+from elalora_kernels.torch_ops import adapter_linear
+from _kernel_oracle import assert_within_eager_error, rounded
 
-# dtype -> (multiple of eager's own error, floor in units of eps·max|ref|)
-TOL = {
-    torch.float32: (4.0, 8.0),
-    torch.bfloat16: (4.0, 8.0),
-    torch.float16: (4.0, 8.0),
-}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (lead dims of x, in, out, r, active pattern)
 SHAPES = [
@@ -32,6 +23,7 @@ SHAPES = [
 ]
 
 GRADS = ("x", "P", "lam", "Q")
+NAMES = ("y",) + GRADS
 
 
 def _inputs(lead, d_in, d_out, r, pattern, bias=True, seed=0):
@@ -65,25 +57,11 @@ def _run(fn, inputs, g, scale=2.0, dropout_p=0.0):
 
 
 def _exact(inputs, dtype):
-    """Inputs rounded to ``dtype`` first, then evaluated in float64: what an exact op on those inputs gives."""
-    return _cast(_cast(inputs, dtype), torch.float64)
+    """What an exact op gives on the inputs rounded to ``dtype``: evaluated in float64, with gradients."""
+    return _cast({k: rounded(v, dtype) for k, v in inputs.items()}, torch.float64)
 
 
-def _err(t, ref):
-    return (t.double() - ref).abs().max().item()
-
-
-def _assert_within_eager_error(ours, eager, exact, dtype, names=("y",) + GRADS):
-    factor, floor = TOL[dtype]
-    eps = torch.finfo(dtype).eps
-    for name, o, e, x in zip(names, ours, eager, exact):
-        assert o.shape == x.shape, name
-        assert torch.isfinite(o).all(), name
-        bound = factor * _err(e, x) + floor * eps * x.abs().max().item()
-        assert _err(o, x) <= bound, f"{name}: error {_err(o, x):.3g} > {bound:.3g} (eager {_err(e, x):.3g})"
-
-
-@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}r{s[3]}")
 def test_matches_float64_within_eager_error(shape, bias, dtype):
@@ -93,7 +71,7 @@ def test_matches_float64_within_eager_error(shape, bias, dtype):
     ours = _run(adapter_linear, _cast(inputs, dtype), g)
     for o in ours:
         assert o.dtype == dtype
-    _assert_within_eager_error(ours, eager, exact, dtype)
+    assert_within_eager_error(ours, eager, exact, dtype, NAMES)
 
 
 def test_inactive_slots_contribute_nothing_and_get_zero_grad():
@@ -125,7 +103,7 @@ def test_non_contiguous_inputs():
         inputs[k] = inputs[k].detach().requires_grad_(True)
     ours = _run(adapter_linear, inputs, g)
     ref = _run(reference.adapter_linear, inputs, g)
-    for name, o, e in zip(("y",) + GRADS, ours, ref):
+    for name, o, e in zip(NAMES, ours, ref):
         assert o.shape == e.shape, name
         torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12, msg=name)
 
@@ -143,7 +121,7 @@ def test_dropout_draws_the_reference_mask(dtype, lead):
     after_ours = torch.rand(3)
     assert torch.equal(after_ref, after_ours), "the op must consume the RNG exactly as F.dropout does"
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    for name, o, e in zip(("y",) + GRADS, ours, ref):
+    for name, o, e in zip(NAMES, ours, ref):
         torch.testing.assert_close(o, e, msg=name, **tol)
     # and a different seed gives a different mask
     torch.manual_seed(124)
@@ -174,7 +152,7 @@ def test_nonfinite_upstream_gradient_propagates_like_the_reference():
     g[4, 0] = float("nan")
     ours = _run(adapter_linear, _cast(inputs, torch.float32), g)
     ref = _run(reference.adapter_linear, _cast(inputs, torch.float32), g)
-    for name, o, e in zip(("y",) + GRADS, ours, ref):
+    for name, o, e in zip(NAMES, ours, ref):
         assert torch.equal(torch.isfinite(o), torch.isfinite(e)), name
         fin = torch.isfinite(e)
         torch.testing.assert_close(o[fin], e[fin], msg=name)
@@ -195,7 +173,7 @@ def test_autocast_bfloat16():
         ours = _run(elalora_kernels.adapter_linear, _cast(inputs, torch.float32), g)  # dispatch handles autocast
     assert ours[0].dtype == torch.bfloat16  # like nn.Linear and PEFT LoRA under autocast
     assert all(t.dtype == torch.float32 for t in ours[1:])  # gradients in the parameters' dtype
-    _assert_within_eager_error(ours, eager, exact, torch.bfloat16)
+    assert_within_eager_error(ours, eager, exact, torch.bfloat16, NAMES)
 
 
 @dispatch.use_backend(None)  # the default choice, whatever ELALORA_BACKEND says
