@@ -4,7 +4,7 @@ Outside a module's forward, FSDP2 keeps every adapter parameter as a DTensor
 split on dim 0 over a 1-D device mesh with ``torch.chunk`` semantics: P
 ``[out, r_max]`` by rows, λ ``[r_max]`` and Q ``[r_max, in]`` by slot. Each
 process scores and keeps EMAs for its own shards only; this module holds what
-needs the other processes:
+needs the other processes (the math on shards is in :mod:`elalora_kernels.sharded`):
 
 * ``AdapterShards.rank_scores``: the ``[matrices, r_max]`` score table from one
   all-reduce of partial sums, so every process plans the same round.
@@ -28,6 +28,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from elalora_kernels import sharded
+from elalora_kernels.sharded import shard_rows
 
 
 def _dtensor_type():
@@ -67,25 +70,18 @@ def copy_whole_into(param: Tensor, whole: Tensor) -> None:
         param.copy_(whole)
         return
     mesh = param.device_mesh
-    start, stop = _rows(param.shape[0], mesh.size(), mesh.get_local_rank())
+    start, stop = shard_rows(param.shape[0], mesh.size(), mesh.get_local_rank())
     param.to_local().copy_(whole[start:stop])
-
-
-def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
-    """The dim-0 rows ``[start, stop)`` of an n-row tensor that process ``rank`` holds (torch.chunk)."""
-    chunk = -(-n // world)
-    start = min(rank * chunk, n)
-    return start, min(start + chunk, n)
 
 
 class AdapterShards:
     """How the adapters of one allocator are split over the processes of one FSDP2 mesh."""
 
     def __init__(self, layers: Sequence, params: Sequence[Tensor]) -> None:
-        sharded = sum(is_sharded(p) for p in params)
-        if sharded != len(params):
+        n_sharded = sum(is_sharded(p) for p in params)
+        if n_sharded != len(params):
             raise ValueError(
-                f"RankAllocator: {sharded} of {len(params)} adapter parameters are FSDP2 shards; "
+                f"RankAllocator: {n_sharded} of {len(params)} adapter parameters are FSDP2 shards; "
                 "shard all adapters (fully_shard every block holding one, then the root) or none"
             )
         from torch.distributed.tensor import Shard
@@ -112,7 +108,7 @@ class AdapterShards:
                 )
 
     def rows(self, n: int) -> tuple[int, int]:
-        return _rows(n, self.world, self.rank)
+        return shard_rows(n, self.world, self.rank)
 
     # ------------------------------------------------------------- scores
     def weights_and_grads(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -122,24 +118,11 @@ class AdapterShards:
         return weights, grads
 
     def rank_scores(self, ipt: Sequence[Sequence[Tensor]], unc: Sequence[Sequence[Tensor]]) -> Tensor:
-        """docs/ALGORITHM.md §3 on shards, the same float32 [M, r_max] table on every process.
-
-        One all-reduce of a float64 [3, M, r_max] table: this process's partial
-        column sums of P's Ī·Ū, and for the slots it holds the λ term and the Q
-        row mean (computed as a single process computes them; every other
-        process adds exact zeros). Only P's column mean is rounded differently
-        from a single process: its float64 sum is rounded once to float32.
-        """
-        parts = torch.zeros(3, len(ipt), self.r_max, dtype=torch.float64, device=ipt[0][1].device)
-        start, stop = self.rows(self.r_max)
-        for m, ((ip, il, iq), (up, ul, uq)) in enumerate(zip(ipt, unc)):
-            parts[0, m] = (ip * up).sum(dim=0, dtype=torch.float64)
-            parts[1, m, start:stop] = il * ul
-            parts[2, m, start:stop] = (iq * uq).mean(dim=1)
+        """docs/ALGORITHM.md §3 on shards, the same float32 [M, r_max] table on every process:
+        one all-reduce of every process's float64 [3, M, r_max] part (``elalora_kernels.sharded``)."""
+        parts = sharded.rank_score_parts(ipt, unc, self.world, self.rank)
         dist.all_reduce(parts, group=self.group)
-        out = torch.tensor(self.out_features, dtype=torch.float64, device=parts.device)[:, None]
-        p_mean = (parts[0] / out).float()
-        return parts[1].float() + (parts[2].float() + p_mean)
+        return sharded.rank_scores_from_parts(parts, self.out_features)
 
     # ------------------------------------------------------------- rounds
     @contextlib.contextmanager
@@ -195,7 +178,7 @@ class AdapterShards:
         for shard, n, nbytes, start in zip(shards, lengths, row_bytes, offsets):
             pieces = []
             for rank, buffer in enumerate(received):
-                lo, hi = _rows(n, self.world, rank)
+                lo, hi = shard_rows(n, self.world, rank)
                 raw = buffer[start : start + (hi - lo) * nbytes]
                 pieces.append(raw.view(shard.dtype).view(hi - lo, *shard.shape[1:]))
             wholes.append(torch.cat(pieces))
@@ -244,47 +227,22 @@ class _AllGatherUsedAlike(torch.autograd.Function):
 
 
 def orth_penalty(layers: Sequence, coeff: float) -> Tensor:
-    """docs/ALGORITHM.md §6 on FSDP2 shards, the same float32 scalar on every process.
-
-    ``‖PᵀP − I‖`` needs only the sum of each process's ``P_rowsᵀ P_rows``, and
-    ``‖QQᵀ − I‖`` needs all of Q's active rows: one all-gather per call carries
-    every layer's r×r partial Gram matrix and Q shard.
-    """
-    sharded = sum(is_sharded(layer.lora_P) for layer in layers)
-    if sharded != len(layers):
+    """docs/ALGORITHM.md §6 on FSDP2 shards, the same float32 scalar on every process: one all-gather
+    per call of every process's piece (``elalora_kernels.sharded``: partial Gram matrices of P, shards of Q)."""
+    n_sharded = sum(is_sharded(layer.lora_P) for layer in layers)
+    if n_sharded != len(layers):
         raise RuntimeError(
-            f"orth_penalty: {sharded} of {len(layers)} adapters are sharded right now and the others are not "
+            f"orth_penalty: {n_sharded} of {len(layers)} adapters are sharded right now and the others are not "
             "(an FSDP2 module that keeps its parameters unsharded after forward, such as the root, holds them); "
             "fully_shard each block that holds adapters"
         )
     mesh = layers[0].lora_P.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
-    pieces = []
-    for layer in layers:
-        r = layer.active_rank
-        p = layer.lora_P.to_local()[:, :r].float()
-        pieces.append((p.t() @ p).reshape(-1))
-    for layer in layers:
-        q = layer.lora_Q.to_local().float()
-        chunk = -(-layer.r_max // world)
-        pieces.append(torch.nn.functional.pad(q, (0, 0, 0, chunk - q.shape[0])).reshape(-1))
-    gathered = _AllGatherUsedAlike.apply(torch.cat(pieces), mesh.get_group(), world, rank)
-    total = gathered.new_zeros(())
-    start = 0
-    grams_p = []
-    for layer in layers:
-        r = layer.active_rank
-        grams_p.append(gathered[:, start : start + r * r].sum(dim=0).view(r, r))
-        start += r * r
-    for layer, gram_p in zip(layers, grams_p):
-        chunk = -(-layer.r_max // world)
-        n = chunk * layer.in_features
-        rows = [
-            gathered[q, start : start + (hi - lo) * layer.in_features].view(hi - lo, layer.in_features)
-            for q, (lo, hi) in enumerate(_rows(layer.r_max, world, q) for q in range(world))
-        ]
-        start += n
-        q_active = torch.cat(rows)[: layer.active_rank]
-        eye = torch.eye(layer.active_rank, device=gathered.device)
-        total = total + torch.linalg.matrix_norm(q_active @ q_active.t() - eye) + torch.linalg.matrix_norm(gram_p - eye)
-    return coeff / (2 * len(layers)) * total
+    ranks = [layer.active_rank for layer in layers]
+    piece = sharded.orth_penalty_piece(
+        [layer.lora_P.to_local() for layer in layers], [layer.lora_Q.to_local() for layer in layers], ranks, world
+    )
+    pieces = _AllGatherUsedAlike.apply(piece, mesh.get_group(), world, rank)
+    return sharded.orth_penalty_from_pieces(
+        pieces, ranks, [layer.r_max for layer in layers], [layer.in_features for layer in layers], coeff
+    )
