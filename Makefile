@@ -44,7 +44,7 @@ bench: $(STAMP)
 # fails; the exit status is non-zero if either did. Without PY, the .venv's python if there is one, else
 # python3. GPU_CHECK_ARGS=--smoke runs the benchmark's tiny interpreter version on CPU (CI).
 GPU_CHECK_ARGS ?=
-GPU_CHECK_TESTS ?= tests/triton tests/test_autocast.py
+GPU_CHECK_TESTS ?= tests/triton tests/kernels/test_autocast.py
 GPU_CHECK_SECONDS ?= 480
 GPU_PY = $(if $(wildcard $(PY)),$(PY),$(if $(filter $(VENV)/bin/python,$(PY)),python3,$(PY)))
 gpu-check:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+README = pathlib.Path(__file__).parents[2] / "README.md"
 SKIP = re.compile(r"# readme-test: skip \(.+\)")
 
 

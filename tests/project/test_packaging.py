@@ -24,7 +24,7 @@ import torch
 
 from elalora_kernels import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_OUTPUTS = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".pytest_cache", ".hypothesis",
     ".benchmarks", "runs",
