@@ -68,16 +68,14 @@ if not ON_GPU:
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(ROOT))
 
-import importlib  # noqa: E402
-
 import torch.nn as nn  # noqa: E402
 import triton  # noqa: E402
 
 import elalora_kernels.triton as tk  # noqa: E402
 from elalora.allocator import flat_emas  # noqa: E402
 from elalora_kernels import reference, use_backend  # noqa: E402
-
-se = importlib.import_module("elalora_kernels.triton.score_ema")  # the module (the package re-exports the function)
+from elalora_kernels.triton import cuda_score_ema, score_ema_kernel  # noqa: E402
+from elalora_kernels.triton.resident_score_ema import ResidentScoreEma  # noqa: E402
 
 if not (ON_GPU or ARGS.smoke or ARGS.host_only):
     sys.exit("benchmarks/gpu.py: no CUDA device (use --smoke for the tiny interpreter run, --host-only for host time)")
@@ -375,14 +373,14 @@ def check_score_ema(dtype):
     grads[4].view(-1)[1] = float("nan")
     ri, ru = [t.clone() for t in vi], [t.clone() for t in vu]
     n_ref = reference.score_ema_update(params, grads, ri, ru, 0.85, 0.85)
-    big = [p.numel() >= se.BLOCK for p in params]
-    impls = [("triton", None)] + ([("cuda", "cuda")] if ON_GPU and se.cuda_extension() is not None else [])
+    big = [p.numel() >= score_ema_kernel.BLOCK for p in params]
+    impls = [("triton", None)] + ([("cuda", "cuda")] if ON_GPU and cuda_score_ema.extension() is not None else [])
     for name, env in impls:
         fi, fu = [t.clone() for t in vi], [t.clone() for t in vu]
         if env:
             os.environ["ELALORA_SCORE_EMA"] = env
         try:
-            plan = se.LaunchPlan(fi, fu)
+            plan = ResidentScoreEma(fi, fu)
             plan.update(params, grads, 0.85, 0.85)
             n = plan.read_count()
         finally:
@@ -391,7 +389,7 @@ def check_score_ema(dtype):
         check(f"score_ema ({name})", exact and plan.aligned, dtype=str(dtype), bit_exact=exact, aligned=plan.aligned,
               full_blocks=sum(big), nonfinite=[n, n_ref])
         print(f"  score_ema {name:6s} {str(dtype):15s} bit-identical: {exact}  16-byte aligned: {plan.aligned}  "
-              f"tensors >= {se.BLOCK} elements: {sum(big)}  non-finite {n} (ref {n_ref})")
+              f"tensors >= {score_ema_kernel.BLOCK} elements: {sum(big)}  non-finite {n} (ref {n_ref})")
 
 
 def foreach_update(params, grads, vi, vu, b1=0.85, b2=0.85):
@@ -430,7 +428,7 @@ class ScoreEmaTimings:
         dst = torch.empty_like(src)
         self.ms_copy, _ = timed(lambda: dst.copy_(src))
         self.row(f"device copy of the same bytes ({self.nbytes / 1e9:.2f} GB moved)", self.ms_copy)
-        plan = se.LaunchPlan(self.vi, self.vu)
+        plan = ResidentScoreEma(self.vi, self.vu)
         ms, h = timed(lambda: plan.update(self.params, self.grads, 0.85, 0.85))
         self.row(f"triton, prebuilt launch plan ({self.tag})", ms, h, target=">= 80% copy bw", met=self.ms_copy / ms >= 0.8)
         self.cuda_kernel(ms)
@@ -439,12 +437,12 @@ class ScoreEmaTimings:
         """The CUDA C++ kernel on the same plan, beside the Triton one: the faster one should ship."""
         if not ON_GPU:
             return
-        if se.cuda_extension() is None:
+        if cuda_score_ema.extension() is None:
             self.row("CUDA C++ kernel (csrc/cuda)", None, note="not built (elalora_kernels._C_cuda missing)")
             return
         os.environ["ELALORA_SCORE_EMA"] = "cuda"
         try:
-            cplan = se.LaunchPlan(self.vi, self.vu)
+            cplan = ResidentScoreEma(self.vi, self.vu)
             ms, h = timed(lambda: cplan.update(self.params, self.grads, 0.85, 0.85))
         finally:
             os.environ.pop("ELALORA_SCORE_EMA")
@@ -464,7 +462,7 @@ class ScoreEmaTimings:
         self.row("torch._foreach_* (no non-finite guard)", ms, h)
         if not ON_GPU:
             return
-        plan = se.LaunchPlan(vi, vu)
+        plan = ResidentScoreEma(vi, vu)
         plan.update(params, grads, 0.85, 0.85)  # the table is uploaded before capture (capture holds the same grads)
         try:
             graph = torch.cuda.CUDAGraph()
@@ -534,14 +532,14 @@ def host_step_overhead(layers: int, dims, r: int, steps: int):
         steady.step()  # builds the table
         us = statistics.median(timed_step(steady) for _ in range(steps))
         row("host", f"RankAllocator.step(), steady gradient addresses, {tag}", None, host_us=us,
-            target="<= 100 µs", met=us <= 100, table_writes=steady.score_plan.rebuilds)
+            target="<= 100 µs", met=us <= 100, table_writes=steady.score_plan.resident.uploads)
         times = []
         for k in range(steps):  # two sets of gradients, alternating: every address moves every step
             use_grads(k % 2)
             times.append(timed_step(steady))
         us = statistics.median(times)
         row("host", "RankAllocator.step(), every gradient re-allocated every step", None, host_us=us,
-            target="<= 100 µs", met=us <= 100, table_writes=steady.score_plan.rebuilds)
+            target="<= 100 µs", met=us <= 100, table_writes=steady.score_plan.resident.uploads)
         use_grads(0)
         rounds = allocator(t_init=1, t_final=1, mask_interval=2)
         times = []
@@ -565,7 +563,7 @@ def host_step_overhead(layers: int, dims, r: int, steps: int):
         for name, sample in (("gradients re-allocated in between", times), ("back to back", back_to_back)):
             us = statistics.median(sample)
             row("host", f"RankAllocator.step() right after a round, {name}", None, host_us=us, target="<= 100 µs",
-                met=us <= 100, rounds=len(rounds.history), table_writes=rounds.score_plan.rebuilds)
+                met=us <= 100, rounds=len(rounds.history), table_writes=rounds.score_plan.resident.uploads)
         floor = statistics.median(_time_us(lambda: [p.grad for p in params]) for _ in range(steps))
         row("host", f"for scale: reading the {len(params)} .grad attributes in Python", None, host_us=floor)
     print(f"  host time per allocator.step(): {[round(r_['host_us']) for r_ in ROWS if r_['section'] == 'host']} µs")

@@ -1,4 +1,4 @@
-// The pointer table of the GPU score+EMA launch (elalora_kernels/triton/score_ema.py),
+// The pointer table of the GPU score+EMA launch (elalora_kernels/triton/resident_score_ema.py),
 // kept current in C++ so that a training step costs O(1) Python work however many
 // adapter tensors there are.
 //

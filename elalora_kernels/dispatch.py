@@ -122,10 +122,10 @@ def score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2) -> int:
     return _module(params[0].device).score_ema_update(params, grads, ema_ipt, ema_unc, beta1, beta2)
 
 
-def score_ema_launch_plan(ema_ipt, ema_unc, launcher=None):
-    """The backend's plan for updating these EMAs every step, or None where its update is per call."""
-    plan = getattr(_module(ema_ipt[0].device), "LaunchPlan", None)
-    return plan(ema_ipt, ema_unc, launcher) if plan is not None else None
+def resident_score_ema(device: torch.device):
+    """The backend's per-step score+EMA update whose state stays on the device (a class: Triton's
+    ``ResidentScoreEma``), or None where the backend updates per call."""
+    return getattr(_module(device), "ResidentScoreEma", None)
 
 
 def rank_scores(ipt, unc):

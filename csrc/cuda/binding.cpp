@@ -1,7 +1,7 @@
 // Torch binding of the plain-CUDA multi-tensor score + EMA kernel (score_ema.cu).
 // Built by setup.py as elalora_kernels._C_cuda only when torch has CUDA.
 //
-// Python builds and caches the device tables (elalora_kernels/triton/score_ema.py,
+// Python builds and caches the device tables (elalora_kernels/triton/score_ema_tables.py,
 // shared with the Triton kernel) and calls score_ema_launch with them.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

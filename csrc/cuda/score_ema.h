@@ -1,6 +1,6 @@
 // Multi-tensor score + EMA update (docs/ALGORITHM.md §2) — plain CUDA C++ entry point.
 //
-// The tables are the ones elalora_kernels/triton/score_ema.py builds and caches:
+// The tables are the ones elalora_kernels/triton/score_ema_tables.py builds and caches:
 //   ptrs   int64 [T, 4]  device addresses of (w, g, ema_ipt, ema_unc) per tensor
 //   numels int64 [T]
 //   blocks int64 [B, 2]  (tensor index, first element) of each 4096-element chunk

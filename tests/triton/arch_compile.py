@@ -34,7 +34,7 @@ from elalora_kernels.triton._common import SHARED_MEMORY  # noqa: E402
 # (the package re-exports functions of the same names as these modules)
 al = importlib.import_module("elalora_kernels.triton.adapter_linear")
 rs = importlib.import_module("elalora_kernels.triton.rank_scores")
-se = importlib.import_module("elalora_kernels.triton.score_ema")
+se = importlib.import_module("elalora_kernels.triton.score_ema_kernel")
 
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
 RANK_BLOCKS = [16 << k for k in range((MAX_R_MAX // 16).bit_length())]  # 16, 32, ..., MAX_R_MAX

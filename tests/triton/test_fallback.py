@@ -21,7 +21,6 @@ from elalora_kernels.triton import _common  # noqa: E402
 
 tk = importlib.import_module("elalora_kernels.triton")
 al = importlib.import_module("elalora_kernels.triton.adapter_linear")
-se = importlib.import_module("elalora_kernels.triton.score_ema")
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy on inf/nan (interpreter)
 

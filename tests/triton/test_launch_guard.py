@@ -17,8 +17,6 @@ import elalora_kernels.triton as tk
 from elalora_kernels.triton import _common
 
 al = importlib.import_module("elalora_kernels.triton.adapter_linear")
-se = importlib.import_module("elalora_kernels.triton.score_ema")
-rs = importlib.import_module("elalora_kernels.triton.rank_scores")
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

@@ -9,7 +9,7 @@ import torch
 from elalora_kernels import reference
 
 triton_backend = pytest.importorskip("elalora_kernels.triton")
-se = importlib.import_module("elalora_kernels.triton.score_ema")
+tables = importlib.import_module("elalora_kernels.triton.score_ema_tables")
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf/nan under the interpreter
 
@@ -81,13 +81,13 @@ def test_mixed_dtypes_and_noncontiguous(device):
 
 def test_tables_cached_and_rebuilt_on_new_addresses(device):
     ws, gs, ipt, unc = _tensors(device, torch.float32, nonfinite=False)
-    se._ptr_cache.clear()
+    tables._tables_by_addresses.clear()
     _both(ws, gs, ipt, unc)
     _both(ws, gs, ipt, unc)
-    assert len(se._ptr_cache) == 1
+    assert len(tables._tables_by_addresses) == 1
     gs = [g.clone() for g in gs]  # grads re-allocated (zero_grad(set_to_none=True))
     _both(ws, gs, ipt, unc)
-    assert len(se._ptr_cache) == 2
+    assert len(tables._tables_by_addresses) == 2
 
 
 def test_empty(device):

@@ -1,5 +1,5 @@
 """The CUDA C++ score+EMA kernel (csrc/cuda/score_ema.cu, ``elalora_kernels._C_cuda``) against
-reference.score_ema_update, bit for bit, on CUDA: the allocator's launch plan with ELALORA_SCORE_EMA=cuda.
+reference.score_ema_update, bit for bit, on CUDA: the allocator's resident update with ELALORA_SCORE_EMA=cuda.
 
 Runs where the extension was built (a CUDA machine after ``make gpu-check`` or an install with nvcc);
 skipped elsewhere. tests/triton/test_cuda_source.py compiles the source to PTX wherever nvcc exists."""
@@ -13,10 +13,11 @@ import torch
 from elalora.allocator import flat_emas
 from elalora_kernels import reference
 
-se = importlib.import_module("elalora_kernels.triton.score_ema")
+cuda_score_ema = importlib.import_module("elalora_kernels.triton.cuda_score_ema")
+resident = importlib.import_module("elalora_kernels.triton.resident_score_ema")
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or se.cuda_extension() is None,
+    not torch.cuda.is_available() or cuda_score_ema.extension() is None,
     reason="needs CUDA and the built extension elalora_kernels._C_cuda",
 )
 
@@ -53,22 +54,22 @@ def test_cuda_kernel_is_bit_identical_to_the_reference(monkeypatch, dtype, align
     ws, gs, vi, vu = _set(dtype, aligned)
     ri, ru = [t.clone() for t in vi], [t.clone() for t in vu]
     expected = reference.score_ema_update(ws, gs, ri, ru, 0.85, 0.91)
-    plan = se.LaunchPlan(vi, vu)
-    plan.update(ws, gs, 0.85, 0.91)
-    assert plan.aligned == aligned
-    assert plan.read_count() == expected == 3
+    ema = resident.ResidentScoreEma(vi, vu)
+    ema.update(ws, gs, 0.85, 0.91)
+    assert ema.aligned == aligned
+    assert ema.read_count() == expected == 3
     for k, (a, b) in enumerate(zip(ri + ru, vi + vu)):
         assert torch.equal(a, b), f"EMA {k} differs"
 
 
 def test_cuda_kernel_repeated_steps_match(monkeypatch):
-    """Three steps with new gradients: the EMAs stay bit-identical (the plan's table is refreshed)."""
+    """Three steps with new gradients: the EMAs stay bit-identical (the pointer table is refreshed)."""
     monkeypatch.setenv("ELALORA_SCORE_EMA", "cuda")
     ws, gs, vi, vu = _set(torch.bfloat16, aligned=True, seed=1)
     ri, ru = [t.clone() for t in vi], [t.clone() for t in vu]
-    plan = se.LaunchPlan(vi, vu)
+    ema = resident.ResidentScoreEma(vi, vu)
     for _ in range(3):
         gs = [torch.randn_like(g) for g in gs]
         reference.score_ema_update(ws, gs, ri, ru, 0.85, 0.85)
-        plan.update(ws, gs, 0.85, 0.85)
+        ema.update(ws, gs, 0.85, 0.85)
     assert all(torch.equal(a, b) for a, b in zip(ri + ru, vi + vu))

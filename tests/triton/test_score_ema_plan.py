@@ -1,4 +1,4 @@
-"""The allocator's score+EMA launch plan on the Triton backend (interpreter on CPU).
+"""The allocator's score+EMA plan on the Triton backend, its resident update (interpreter on CPU).
 
 * EMAs bit-identical to the reference backend, step after step;
 * the launch tables are built once and rebuilt only when a gradient's storage moves;
@@ -51,12 +51,12 @@ def test_plan_matches_reference_and_builds_tables_once(device):
             with use_backend(backend):
                 assert alloc.step().nonfinite == 0
     assert torch.equal(fast.ema_ipt, ref.ema_ipt) and torch.equal(fast.ema_unc, ref.ema_unc)
-    assert fast.score_plan.rebuilds == 1
+    assert fast.score_plan.resident.uploads == 1
     for p in fast.params:
         p.grad = p.grad.clone()  # new storage: the tables follow it
     with use_backend("triton"):
         fast.step()
-    assert fast.score_plan.rebuilds == 2
+    assert fast.score_plan.resident.uploads == 2
 
 
 class _RecordOps(TorchDispatchMode):
@@ -74,14 +74,15 @@ def test_steady_state_step_runs_no_torch_op_besides_the_launch(device):
     launches = []
     alloc = _allocator(device)
     grads = [torch.randn_like(p) for p in alloc.params]
-    plan = ScoreEmaPlan(alloc._ipt_views, alloc._unc_views, 0.85, 0.85)
+    ipt, unc = zip(*alloc.importance_emas())
+    plan = ScoreEmaPlan(ipt, unc, 0.85, 0.85)
     plan.launcher = lambda *a: launches.append(a)
     plan.update(alloc.params, grads)  # first step: builds the tables
     with _RecordOps() as rec:
         for _ in range(3):
             assert plan.update(alloc.params, grads) is None  # the count stays on the device
     assert rec.ops == [], f"steady-state steps ran torch ops: {rec.ops}"
-    assert len(launches) == 4 and plan.rebuilds == 1  # one dtype: one launch per step
+    assert len(launches) == 4 and plan.resident.uploads == 1  # one dtype: one launch per step
 
 
 @use_backend("triton")
@@ -177,7 +178,7 @@ def test_a_step_does_no_python_work_per_tensor_even_when_every_gradient_moves():
         alloc.step()  # plans the table
         _new_grads(alloc)
         counts[layers] = _python_calls(alloc.step)
-        assert alloc.score_plan.rebuilds == 2  # the new addresses were uploaded
+        assert alloc.score_plan.resident.uploads == 2  # the new addresses were uploaded
     assert counts[40] == counts[4], counts
 
 
@@ -234,14 +235,14 @@ def test_a_capture_that_would_upload_the_table_is_refused(device, monkeypatch):
     monkeypatch.setattr(_common, "capturing", lambda device: False)
     alloc.score_plan.update(alloc.params)  # eager: builds and uploads the table
     monkeypatch.setattr(_common, "capturing", lambda device: True)
-    uploads = alloc.score_plan.rebuilds
+    uploads = alloc.score_plan.resident.uploads
     alloc.score_plan.update(alloc.params)  # same gradients: captured with no upload
-    assert alloc.score_plan.rebuilds == uploads
+    assert alloc.score_plan.resident.uploads == uploads
     _new_grads(alloc)  # a backward re-allocated the gradients: the table is stale
     after_eager = alloc.ema_ipt.clone()
     with pytest.raises(RuntimeError, match="does not point at the present gradients"):
         alloc.score_plan.update(alloc.params)
-    assert torch.equal(alloc.ema_ipt, after_eager) and alloc.score_plan.rebuilds == uploads
+    assert torch.equal(alloc.ema_ipt, after_eager) and alloc.score_plan.resident.uploads == uploads
 
 
 @use_backend("triton")
@@ -249,8 +250,8 @@ def test_the_python_table_stands_in_without_the_extension(device, monkeypatch):
     """Without the C++ extension the pointer table is kept in Python: same EMAs, same re-pointing."""
     import importlib
 
-    se = importlib.import_module("elalora_kernels.triton.score_ema")
-    monkeypatch.setattr(se, "pointer_table", se._PythonPointerTable)
+    resident = importlib.import_module("elalora_kernels.triton.resident_score_ema")
+    monkeypatch.setattr(resident, "pointer_table", importlib.import_module("elalora_kernels.triton.pointer_table").PythonPointerTable)
     fast, ref = _allocator(device), _allocator(device)
     for step in range(3):
         for backend, alloc in (("triton", fast), ("reference", ref)):
@@ -259,6 +260,6 @@ def test_the_python_table_stands_in_without_the_extension(device, monkeypatch):
             with use_backend(backend):
                 alloc.step()
     assert torch.equal(fast.ema_ipt, ref.ema_ipt) and torch.equal(fast.ema_unc, ref.ema_unc)
-    assert fast.score_plan.rebuilds == 3 and fast.score_plan.points_at_current_grads()
+    assert fast.score_plan.resident.uploads == 3 and fast.score_plan.points_at_current_grads()
     _new_grads(fast)
     assert not fast.score_plan.points_at_current_grads()
