@@ -1,6 +1,6 @@
 """Quantized (bitsandbytes) bases: the adapter half of the op, the layer, inject, and bad input.
 
-The adapter-add op is held to the float64-oracle rule of tests/test_cpu_adapter.py
+The adapter-add op is held to the float64-oracle rule of tests/_kernel_oracle.py
 (within a small multiple of eager PyTorch's own error). The layer is checked
 against ``elalora_kernels.reference`` on a dequantized copy of the base's weight:
 bitsandbytes computes the base output ``y0`` itself (8-bit also quantizes the
@@ -23,7 +23,7 @@ import elalora  # noqa: E402
 from elalora import ElaLoRAConfig, ElaLoRALinear, quantized  # noqa: E402
 from elalora_kernels import reference  # noqa: E402
 from elalora_kernels.cpu import adapter_add  # noqa: E402
-from test_cpu_adapter import _assert_within_eager_error  # noqa: E402
+from _kernel_oracle import assert_within_eager_error  # noqa: E402
 
 SHAPES = [((1,), 7, 123, 3), ((7,), 123, 7, 1), ((2, 3), 64, 33, 5)]  # (lead dims, in, out, r)
 
@@ -56,7 +56,7 @@ def test_adapter_add_matches_float64_within_eager_error(shape, dtype):
     exact = _run_add(reference.adapter_add, t, active, g.to(dtype), torch.float64, round_to=dtype)
     eager = _run_add(reference.adapter_add, t, active, g, dtype)
     ours = _run_add(adapter_add, t, active, g, dtype)
-    _assert_within_eager_error(ours, eager, exact, dtype, names=("y", "y0", "x", "P", "lam", "Q"))
+    assert_within_eager_error(ours, eager, exact, dtype, names=("y", "y0", "x", "P", "lam", "Q"))
 
 
 def test_adapter_add_is_adapter_linear_minus_the_base():
