@@ -7,17 +7,15 @@ snapshot of every adapter tensor, mask, EMA, optimizer state and history.
 """
 import datetime
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from elalora import RankAllocator
 
-import _reliability_util as U  # noqa: E402
-from fixtures import small_config  # noqa: E402
-from elalora import RankAllocator  # noqa: E402
+import _reliability_util as U
+from fixtures import small_config
 
 
 def main() -> None:

@@ -3,14 +3,11 @@ would). Environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OUT
 models). Runs every case of ``_orth_cases.CASES`` through the Trainer with 4 examples per process and saves
 each run's adapters."""
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-import _orth_cases as C  # noqa: E402
+import _orth_cases as C
 
 
 def main() -> None:

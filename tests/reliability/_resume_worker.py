@@ -10,13 +10,12 @@ and torch's RNG (adapter dropout is on). It is loaded with weights_only=True.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
+from elalora import RankAllocator
 
-import _reliability_util as U  # noqa: E402
-from fixtures import small_config  # noqa: E402
-from elalora import RankAllocator  # noqa: E402
+import _reliability_util as U
+from fixtures import small_config
 
 
 def setup(steps: int):

@@ -5,15 +5,12 @@ model). Trains the tiny BERT through the Trainer with ElaLoRACallback twice: str
 checkpoint then resumed from it; saves each run's round history, EMAs and adapter state.
 """
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from transformers import AutoModelForSequenceClassification
 
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification  # noqa: E402
-
-import _trainer_run as R  # noqa: E402
+import _trainer_run as R
 
 
 def snapshot(model, callback) -> dict:

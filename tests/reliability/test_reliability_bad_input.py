@@ -2,20 +2,18 @@
 non-floating tensors and invalid configs with an error that names what was
 wrong and what was expected. One case per test (parametrised)."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
-from fixtures import TinyNet, small_config  # noqa: E402
-import elalora  # noqa: E402
-from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, inject  # noqa: E402
-from elalora.reallocation import plan_round  # noqa: E402
-from elalora.regularizer import orth_penalty  # noqa: E402
+import elalora
+from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator, inject
+from elalora.reallocation import plan_round
+from elalora.regularizer import orth_penalty
+
+import _reliability_util as U
+from fixtures import TinyNet, small_config
 
 
 def _layer():

@@ -9,18 +9,15 @@ round (the tests assert it). Inductor compile time dominates, so the model is
 tiny and inductor is exercised by one test; the others use aot_eager (dynamo
 + AOTAutograd, the same guards and graphs, no code generation).
 """
-import os
-import sys
-
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
-from fixtures import small_config  # noqa: E402
-from elalora import ElaLoRALinear, RankAllocator  # noqa: E402
+from elalora import ElaLoRALinear, RankAllocator
+
+import _reliability_util as U
+from fixtures import small_config
 
 STEPS = 12  # rounds at t = 5, 7 (total_steps=12, t_init=3, t_final=3, mask_interval=2)
 RTOL, ATOL = 1e-4, 1e-5  # compiled vs eager float32; SGD keeps ULP differences from being amplified

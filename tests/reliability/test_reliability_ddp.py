@@ -7,14 +7,12 @@ and the orthogonality penalty counted once, as in one process.
 """
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
+import _reliability_util as U
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_worker.py")
 TRAINER_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_trainer_ddp_worker.py")

@@ -6,17 +6,15 @@
   so a run with an injected overflow step decides exactly what the run without
   it decides.
 """
-import os
-import sys
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
-from fixtures import small_config  # noqa: E402
-from elalora import RankAllocator  # noqa: E402
+from elalora import RankAllocator
+
+import _reliability_util as U
+from fixtures import small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: two threads crawl on a busy machine
 

@@ -18,17 +18,15 @@ underflows to 0 in fp16, so these tests use SGD with momentum for every dtype.)
 import contextlib
 import copy
 import functools
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
-from fixtures import small_config  # noqa: E402
-from elalora import RankAllocator  # noqa: E402
-from elalora.reallocation import plan_round  # noqa: E402
+from elalora import RankAllocator
+from elalora.reallocation import plan_round
+
+import _reliability_util as U
+from fixtures import small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: two threads crawl on a busy machine
 

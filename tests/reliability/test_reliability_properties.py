@@ -9,8 +9,6 @@ keep their invariants:
 * a new slot starts with λ ≈ 0 (|λ| ≤ 1e-13) and zero EMAs;
 * no NaN (nor inf) is ever written to an EMA.
 """
-import os
-import sys
 import warnings
 
 import torch
@@ -18,9 +16,9 @@ import torch.nn as nn
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator  # noqa: E402
-from elalora.reallocation import plan_round  # noqa: E402
+from elalora import ElaLoRAConfig, ElaLoRALinear, RankAllocator
+from elalora.reallocation import plan_round
+
 
 def fast(n: int):
     return settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, max_examples=n)

@@ -4,15 +4,14 @@ and RankAllocator.load_state_dict rejects a state from another model or config.
 """
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
-from fixtures import small_config  # noqa: E402
-from elalora import RankAllocator  # noqa: E402
+from elalora import RankAllocator
+
+import _reliability_util as U
+from fixtures import small_config
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resume_worker.py")
 
