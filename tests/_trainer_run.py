@@ -1,6 +1,6 @@
 """A few Trainer steps with ElaLoRACallback on a tiny model loaded from a local 'hub' folder (no downloads).
 
-Shared by test_hf_checkpoints.py and the Trainer-under-DDP worker.
+Shared by the checkpoint tests (tests/io/), the Trainer-under-DDP tests (tests/reliability/) and their workers.
 """
 from __future__ import annotations
 
