@@ -5,7 +5,8 @@
 * ``Toy`` / ``toy_config`` / ``trained_toy``: the save tests' model, three blocks of four adapted layers;
 * ``randomise_adapters``: adapters that change the outputs, as after training, in any adapted model;
 * ``hf_model`` / ``input_ids`` / ``trained_hf_model``: one tiny random transformers model per supported family;
-* ``bert_classifier`` / ``classification_data`` / ``trainer_config`` / ``make_trainer``: the Trainer tests.
+* ``bert_classifier`` / ``classification_data`` / ``classification_batch`` / ``trainer_config`` /
+  ``make_trainer``: the Trainer tests.
 
 transformers is imported inside the functions that need it: the workers that build TinyNet start faster.
 """
@@ -182,6 +183,7 @@ def trained_hf_model(family: str, auto, task: str, seed: int = 0):
 
 
 # ---------------------------------------------------------------- the Trainer tests
+# BERT's six adapted module types
 BERT_SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
