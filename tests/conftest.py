@@ -1,3 +1,17 @@
+"""The tests mirror the package:
+
+    core/         the method: layer, inject / merge, config, allocator, reallocation, schedule, disable, plots
+    io/           saves and loads: save_adapter / load_adapter, atomicity, save_pretrained, PEFT export, checkpoints
+    hf/           transformers: the Trainer callback, per-architecture defaults, a full training run
+    quantized/    bitsandbytes bases
+    reliability/  DDP (with its worker processes), resume, non-finite input, precision, compile, bad input
+    kernels/      elalora_kernels: the torch, CPU and sharded backends against the reference, dispatch, autocast
+    triton/       the Triton and CUDA kernels
+    project/      the repository around the package: packaging, README, demo, benchmarks
+
+What several folders share sits here, imported by name (pytest's ``pythonpath``): ``fixtures`` (the toy
+models and configs), ``_reliability_util``, ``_trainer_run`` and the kernel tests' ``_kernel_*`` helpers.
+"""
 import os
 
 import pytest
