@@ -43,7 +43,6 @@ import functools
 import json
 import math
 import os
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from elalora import ElaLoRAConfig, RankAllocator, inject
+from elalora.viz import plot_rank_heatmap, rank_grid, split_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -61,6 +61,7 @@ import harness  # noqa: E402
 
 RESULTS = harness.ROOT / "benchmarks" / "RESULTS.md"
 JSONL = harness.ROOT / "benchmarks" / "quality_runs.jsonl"
+HEATMAP = harness.ROOT / "benchmarks" / "quality_long_ranks.png"  # the long cell's rank map, from --write-md
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 # (validation, test) examples per task; the rest trains. movies: 10,568 labelled, tweets: 4,196.
@@ -92,8 +93,8 @@ HEADLINE_CELLS = (("movies", 2), ("tweets", 2))
 HEADLINE_PAIRS = ((DEFAULT, "lora"), (DEFAULT, f"{DEFAULT}-fixed"))
 HEADLINE_METHODS = tuple(dict.fromkeys(m for pair in HEADLINE_PAIRS for m in pair))
 HEADLINE_SEEDS = tuple(range(10))
-# The longer cell: 750 steps (~2.7 passes over movies' training split), the headline methods, 3 seeds, each at
-# its headline lr from the 250-step grid (picked there on validation).
+# The longer cell: 750 steps (~2.7 passes over movies' training split), the headline methods, 3 seeds. Its lrs
+# are picked on its own validation runs (seed 0), as in the grid: at 750 steps the 250-step picks need not learn.
 LONG = dict(SETUP, steps=750, eval_at=(50, 125, 250, 375, 500, 625, 750))
 LONG_CELL = ("movies", 2)
 # On a 4-bit base (QLoRA): the default against PEFT LoRA on the same NF4 base, 3 seeds, each lr picked on
@@ -287,9 +288,9 @@ def headline_specs(lr_rows: list[dict], task: str, r: int, seeds, methods=HEADLI
     return [dict(task=task, r=r, method=m, lr=lr, seed=s) for s in seeds for m, lr in lrs.items() if lr is not None]
 
 
-def plan(rows: list[dict], tasks=None, methods=METHODS, blocks=BLOCKS) -> list[dict]:
+def plan(rows: list[dict], tasks=None, methods=METHODS, blocks=BLOCKS, headline_seeds=HEADLINE_SEEDS) -> list[dict]:
     """Every run still to do that can start now, block by block: the lr selection (seed 0 at each lr),
-    then the other seeds of each method whose lr is picked; then the headline cells' ten seeds."""
+    then the other seeds of each method whose lr is picked; then the headline cells' ``headline_seeds``."""
     done = {run_key(row) for row in rows}
     todo = []
     for task, r in blocks:
@@ -302,17 +303,20 @@ def plan(rows: list[dict], tasks=None, methods=METHODS, blocks=BLOCKS) -> list[d
             if lr is not None:
                 specs += [dict(task=task, r=r, method=method, lr=lr, seed=s) for s in SEEDS[1:]]
         if (task, r) in HEADLINE_CELLS:
-            specs += headline_specs(rows, task, r, HEADLINE_SEEDS, methods)
+            specs += headline_specs(rows, task, r, headline_seeds, methods)
         todo += [spec for spec in specs if run_key(spec) not in done]
     # the headline seeds seed by seed across tasks, so that a stopped study leaves complete pairs in every cell
     todo.sort(key=lambda spec: spec["seed"] if spec["seed"] > SEEDS[-1] else -1)
     return list({run_key(spec): spec for spec in todo}.values())
 
 
-def plan_long(grid_rows: list[dict], rows: list[dict]) -> list[dict]:
-    """The longer cell's runs still to do, at the lrs the 250-step grid (``grid_rows``) picked."""
+def plan_long(rows: list[dict]) -> list[dict]:
+    """The longer cell's runs still to do: the lr selection of the default and of PEFT LoRA (seed 0, on
+    validation), then seeds 0–2 of the three headline arms (reallocation off at the default's lr)."""
+    picks = plan(rows, None, (DEFAULT, "lora"), [LONG_CELL], headline_seeds=())  # lr selection, seeds 1 and 2
+    arms = headline_specs(rows, *LONG_CELL, SEEDS)  # once picked: all three arms, seeds 0–2
     done = {run_key(row) for row in rows}
-    return [spec for spec in headline_specs(grid_rows, *LONG_CELL, SEEDS) if run_key(spec) not in done]
+    return list({run_key(spec): spec for spec in picks + arms if run_key(spec) not in done}.values())
 
 
 def claim_path(claims: Path, spec: dict) -> Path:
@@ -471,7 +475,7 @@ def markdown(rows: list[dict], setup: dict = SETUP, long_rows: tuple = (), quant
                     f"{mean_std([row['test_accuracy'] for row in learned]) if learned else '–'} | {delta} | "
                     f"{', '.join(failed) or 'none'} |")
     lines += headline(rows) + comparisons(rows, str(min(setup["eval_at"])), short, str(steps))
-    lines += long_cell(list(long_rows), rows) + quantized(list(quant_rows))
+    lines += long_cell(list(long_rows)) + quantized(list(quant_rows))
     lines += objectives(rows) + curves(rows, setup) + costs(rows) + capacity(rows)
     return "\n".join(lines)
 
@@ -586,12 +590,11 @@ def headline_failures(rows: list[dict], task: str, r: int, methods) -> str:
     return ", ".join(out) or "none"
 
 
-def headline_pairs(rows: list[dict], task: str, r: int, method: str, against: str,
-                   lr_rows: Optional[list[dict]] = None) -> list[float]:
-    """``method`` − ``against``, test accuracy, per seed at the headline lrs (picked in ``lr_rows``, by default
-    ``rows`` themselves); seeds where either did not learn (on validation) are left out."""
+def headline_pairs(rows: list[dict], task: str, r: int, method: str, against: str) -> list[float]:
+    """``method`` − ``against``, test accuracy, per seed at the headline lrs; seeds where either did not learn (on
+    validation) are left out."""
     def runs(m):
-        lr = headline_lr(rows if lr_rows is None else lr_rows, task, r, m)
+        lr = headline_lr(rows, task, r, m)
         return {row["seed"]: row for row in rows if cell(row) == (task, r, m) and row["lr"] == lr and learned_on_val(row)}
 
     mine, theirs = runs(method), runs(against)
@@ -632,31 +635,41 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-def long_cell(rows: list[dict], grid_rows: list[dict]) -> list[str]:
-    """The 750-step cell: accuracy, paired differences, the ranks moved, and one seed's final rank per layer."""
+def long_cell(rows: list[dict], heatmap: Path = HEATMAP) -> list[str]:
+    """The 750-step cell: lr selection, accuracy, paired differences, the ranks moved, one seed's rank map."""
     if not rows:
         return []
     task, r = LONG_CELL
     steps = str(LONG["steps"])
     lines = ["", f"### A longer run: {task}, r = {r}, {steps} steps (about 2.7 passes over the training split)", "",
-             "Each method at its headline lr from the 250-step grid (picked there on validation), seeds 0–2; "
-             "validation accuracy over the run, test accuracy at the end.", "",
-             "| method | lr | seeds | " + " | ".join(f"val @ {t}" for t in LONG["eval_at"]) +
-             " | test | ranks moved / run |", "|---|---|---|" + "---|" * (len(LONG["eval_at"]) + 2)]
+             "The lrs are picked in this cell, on validation at seed 0, by the grid's rule (the 250-step picks need "
+             "not learn over a longer schedule); seeds 0–2 then run at the picks, reallocation off at the default's. "
+             "Validation accuracy over the run (mean over the seeds at the pick), test accuracy at the end.", "",
+             "| method | lr (val @ " + steps + ", seed 0) | seeds | " + " | ".join(f"val @ {t}" for t in LONG["eval_at"])
+             + " | test | ranks moved / run | did not learn |", "|---|---|---|" + "---|" * (len(LONG["eval_at"]) + 3)]
     for method in HEADLINE_METHODS:
-        runs = [row for row in rows if cell(row) == (task, r, method)]
+        lr = headline_lr(rows, task, r, method)
+        runs = sorted((row for row in rows if cell(row) == (task, r, method) and row["lr"] == lr),
+                      key=lambda row: row["seed"])
+        seed0 = seed0_runs(rows, task, r, method)
+        tried = " / ".join(f"{x:g}: {seed0[x]['val_final']:.3f}" for x in sorted(seed0, reverse=True))
         if not runs:
+            lines.append(f"| {NAMES[method]} | – ({tried}) | 0 |" + " |" * (len(LONG["eval_at"]) + 3))
             continue
+        learned = [row for row in runs if learned_on_val(row)] or runs
         moved = statistics.mean(row.get("ranks_moved", 0) for row in runs)
-        lines.append(f"| {NAMES[method]} | {runs[0]['lr']:g} | {len(runs)} | " + " | ".join(
-            f"{statistics.mean(row['val_curve'][str(t)] for row in runs):.3f}" for t in LONG["eval_at"])
-            + f" | {mean_std([row['test_accuracy'] for row in runs])} | {moved:.0f} |")
+        failed = ", ".join(f"s{row['seed']}" for row in runs if not learned_on_val(row)) or "none"
+        lines.append(f"| {NAMES[method]} | **{lr:g}** ({tried}) | {len(runs)} | " + " | ".join(
+            f"{statistics.mean(row['val_curve'][str(t)] for row in learned):.3f}" for t in LONG["eval_at"])
+            + f" | {mean_std([row['test_accuracy'] for row in learned])} | {moved:.0f} | {failed} |")
     lines += ["", "| difference (test, points) | mean | 95% interval | seeds ahead |", "|---|---|---|---|"]
     for method, against in HEADLINE_PAIRS:
         lines.append(f"| {NAMES[method]} − {NAMES[against]} | "
-                     f"{interval_cells(headline_pairs(rows, task, r, method, against, grid_rows))} |")
+                     f"{interval_cells(headline_pairs(rows, task, r, method, against))} |")
+    lr = headline_lr(rows, task, r, DEFAULT)
     lines += rank_map(next((row for row in sorted(rows, key=lambda row: row["seed"])
-                            if row["method"] == DEFAULT and row.get("layers")), None))
+                            if cell(row) == (task, r, DEFAULT) and row["lr"] == lr and learned_on_val(row)), None),
+                      heatmap)
     return lines
 
 
@@ -689,24 +702,24 @@ def quantized(rows: list[dict]) -> list[str]:
     return lines
 
 
-def rank_map(row: Optional[dict]) -> list[str]:
-    """One run's final rank per layer as a table (rows: transformer layers, columns: adapted matrices), and what
-    each round moved."""
+def rank_map(row: Optional[dict], heatmap: Path) -> list[str]:
+    """One run's final rank per layer: a heatmap (a PNG written to ``heatmap``), the same numbers as a table
+    (rows: transformer layers, columns: adapted matrices), and what each round moved."""
     if row is None:
         return []
-    layer_of = {name: int(m.group(1)) for name in row["layers"] if (m := re.search(r"layer\.(\d+)\.", name))}
-    kinds = list(dict.fromkeys(re.sub(r".*layer\.\d+\.", "", name) for name in row["layers"]))
-    final = dict(zip(row["layers"], row["final_ranks"]))
+    pattern = dict(zip(row["layers"], row["final_ranks"]))
+    title = f"{NAMES[row['method']]}, seed {row['seed']}: final ranks ({row['rounds']} rounds moved {row['ranks_moved']})"
+    plot_rank_heatmap(pattern, heatmap, title=title)
+    layers, types, grid = rank_grid(pattern)
     lines = ["", f"Final rank per layer, {NAMES[row['method']]}, seed {row['seed']} (started at {row['r']} each; "
              f"{row['rounds']} rounds moved {row['ranks_moved']} ranks):", "",
-             "| layer | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for layer in sorted(set(layer_of.values())):
-        ranks = [final[name] for kind in kinds for name in row["layers"]
-                 if layer_of.get(name) == layer and name.endswith("layer." + str(layer) + "." + kind)]
-        lines.append(f"| {layer} | " + " | ".join(str(x) for x in ranks) + " |")
+             f"![final rank per layer]({heatmap.name})", "",
+             "| layer | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    lines += [f"| {layer} | " + " | ".join("" if x is None else str(x) for x in ranks) + " |"
+              for layer, ranks in zip(layers, grid)]
     lines += ["", "Rounds of that run (step: layers that lost → layers that gained):", ""]
     for rec in row["rank_history"]:
-        short = lambda names: ", ".join(re.sub(r".*layer\.(\d+)\.", r"\1.", n) for n in names) or "–"  # noqa: E731
+        short = lambda names: ", ".join(".".join(split_name(n)) for n in names) or "–"  # noqa: E731
         lines.append(f"* step {rec['step']}: {short(rec['pruned'])} → {short(rec['expanded'])}")
     return lines
 
@@ -759,7 +772,7 @@ def main(argv=None) -> int:
     methods = tuple(args.methods.split(","))
     planner = None
     if args.long:
-        planner = functools.partial(plan_long, rows)  # the lrs come from the grid's rows
+        planner = plan_long
         setup = long_setup
     elif args.base:
         planner = functools.partial(plan, tasks=None, methods=QUANT_METHODS, blocks=[QUANT_CELL])

@@ -180,12 +180,55 @@ def test_headline_pairs_run_reallocation_off_at_the_defaults_lr_and_report_a_t_i
     assert "| +1.00 | [-1.25, +3.25] | 2/4 | none |" in "\n".join(quality.headline(rows))
 
 
-def test_the_long_cell_reports_one_seeds_final_rank_per_layer_and_its_rounds():
+def test_the_long_cell_picks_its_own_lrs_on_validation_then_runs_three_seeds_per_arm():
+    """750 steps need not learn at the 250-step picks: the default and LoRA select again (seed 0, validation);
+    then the three headline arms run seeds 0-2, reallocation off at the default's pick."""
+    low, high = quality.LRS
+    fixed = f"{quality.DEFAULT}-fixed"
+    todo = {(s["method"], s["lr"], s["seed"]) for s in quality.plan_long([])}
+    assert todo == {(m, lr, 0) for m in (quality.DEFAULT, "lora") for lr in (low, high)}
+    rows = [_row(quality.DEFAULT, high, 0, 0.53, 0.48, r=2), _row(quality.DEFAULT, low, 0, 0.80, 0.8, r=2),
+            _row("lora", high, 0, 0.53, 0.48, r=2), _row("lora", low, 0, 0.79, 0.8, r=2)]  # 5e-3 did not learn
+    todo = {(s["method"], s["lr"], s["seed"]) for s in quality.plan_long(rows)}
+    assert todo == {(m, low, s) for m in (quality.DEFAULT, "lora") for s in (1, 2)} | {(fixed, low, s) for s in (0, 1, 2)}
+
+
+def test_the_long_cell_reports_one_seeds_final_rank_per_layer_and_its_rounds(tmp_path):
     names = [f"bert.encoder.layer.{i}.attention.self.{k}" for i in range(2) for k in ("query", "value")]
+    curve = {str(t): 0.8 for t in quality.LONG["eval_at"]}
     row = _row(quality.DEFAULT, 5e-3, 0, 0.8, 0.85, r=2)
-    row.update(layers=names, final_ranks=[1, 3, 2, 2], rounds=1, ranks_moved=1, val_curve={
-        str(t): 0.8 for t in quality.LONG["eval_at"]}, rank_history=[dict(step=120, pruned={names[0]: 1},
-                                                                         expanded={names[1]: 1}, ranks=[1, 3, 2, 2])])
-    text = "\n".join(quality.long_cell([row], []))
+    row.update(layers=names, final_ranks=[1, 3, 2, 2], rounds=1, ranks_moved=1, val_curve=curve,
+               rank_history=[dict(step=120, pruned={names[0]: 1}, expanded={names[1]: 1}, ranks=[1, 3, 2, 2])])
+    other = _row(quality.DEFAULT, 2e-3, 0, 0.7, 0.80, r=2)  # the lr not picked
+    other["val_curve"] = curve
+    text = "\n".join(quality.long_cell([row, other], tmp_path / "ranks.png"))
     assert "| 0 | 1 | 3 |" in text and "| 1 | 2 | 2 |" in text
     assert "* step 120: 0.attention.self.query → 0.attention.self.value" in text
+    assert "**0.005** (0.005: 0.800 / 0.002: 0.700)" in text and "![final rank per layer](ranks.png)" in text
+    assert (tmp_path / "ranks.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_4bit_cell_reports_each_pick_and_the_paired_difference_with_its_interval():
+    low, high = quality.LRS
+    rows = [_row(quality.DEFAULT, low, 0, 0.82, 0.82), _row(quality.DEFAULT, high, 0, 0.53, 0.48),  # 5e-3 collapsed
+            _row("lora", low, 0, 0.80, 0.80), _row("lora", high, 0, 0.81, 0.81)]
+    rows += [_row(quality.DEFAULT, low, s, 0.8, acc) for s, acc in ((1, 0.84), (2, 0.83))]
+    rows += [_row("lora", high, s, 0.8, acc) for s, acc in ((1, 0.82), (2, 0.82))]
+    text = "\n".join(quality.quantized(rows))
+    assert '| ElaLoRA, init="zero_p" | **0.002** (0.820 / 0.530) | 3 |' in text
+    assert "| LoRA (peft) | **0.005** (0.800 / 0.810) | 3 |" in text
+    # per seed +1, +2, +1 points: mean 1.33, t(2) = 4.303, sd 0.577 -> half-width 1.43
+    assert "| +1.33 | [-0.10, +2.77] | 3/3 |" in text
+
+
+@pytest.mark.slow
+def test_a_4bit_run_puts_both_methods_on_bitsandbytes_layers(one_thread):
+    """The QLoRA cell's check: PEFT's LoRA layers and ElaLoRA's both sit on Linear4bit bases; a few steps with an
+    evaluation in the middle train (bitsandbytes' CPU inference repack is off for both)."""
+    pytest.importorskip("bitsandbytes")
+    setup = dict(quality.QUANT, steps=4, batch_size=8, eval_at=(2, 4), splits={"movies": (16, 16)})
+    data = quality.harness.load_task("movies", 16, 16)
+    for method, layer in (("lora", "peft.tuners.lora.bnb.Linear4bit"), (quality.DEFAULT, "elalora.layer.ElaLoRALinear")):
+        row = quality.run_one(dict(task="movies", r=8, method=method, lr=2e-3, seed=0), data, setup)
+        assert row["adapted_layer_types"] == [layer]
+        assert set(row["val_curve"]) == {"2", "4"}
