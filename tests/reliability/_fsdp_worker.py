@@ -24,17 +24,15 @@ import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
-
-import _fsdp_common as C  # noqa: E402
-import elalora  # noqa: E402
-from elalora import RankAllocator, fsdp  # noqa: E402
+import _fsdp_common as C
+import elalora
+from elalora import RankAllocator, fsdp
 
 WORLD = 2
 SLOT_PARAMS = ("lora_P", "lora_lam", "lora_Q")

@@ -9,14 +9,12 @@ compare what they saved.
 """
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability_util as U  # noqa: E402
+import _reliability_util as U
 
 pytestmark = [
     pytest.mark.subprocess,  # two worker processes

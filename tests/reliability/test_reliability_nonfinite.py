@@ -60,8 +60,7 @@ def test_nonfinite_elements_keep_their_emas_and_are_counted():
         info = alloc.step()
     assert info.nonfinite == count == alloc.nonfinite_total()
     assert torch.isfinite(alloc.ema_ipt).all() and torch.isfinite(alloc.ema_unc).all()
-    changed = (alloc.ema_ipt != ipt0).sum()
-    assert changed > 0
+    assert (alloc.ema_ipt != ipt0).any() and (alloc.ema_unc != unc0).any()  # the finite elements moved
     for i, (p, (ei, eu), (oi, ou)) in enumerate(zip(alloc.params, expected, old_views)):
         mask = torch.isfinite(p.grad)
         vi, vu = alloc.importance_emas()[i]
