@@ -4,7 +4,7 @@
     io/           saves and loads: save_adapter / load_adapter, atomicity, save_pretrained, PEFT export, checkpoints
     hf/           transformers: the Trainer callback, per-architecture defaults, a full training run
     quantized/    bitsandbytes bases
-    reliability/  DDP (with its worker processes), resume, non-finite input, precision, compile, bad input
+    reliability/  DDP and FSDP2 (with their worker processes), resume, non-finite input, precision, compile, bad input
     kernels/      elalora_kernels: the torch, CPU and sharded backends against the reference, dispatch, autocast
     triton/       the Triton and CUDA kernels
     project/      the repository around the package: packaging, README, demo, benchmarks
