@@ -23,7 +23,8 @@ each method on its authors' objective:
 The grid: r ∈ {2, 8}; the lr of each (task, r, method) is picked from
 ``LRS`` on the validation split with seed 0, then seeds 1 and 2 run at that
 lr; in the headline cells (r = 2, both tasks) seeds 3 to 9 follow, for the default, PEFT LoRA and the default with
-reallocation off at the default's lr. ``--long`` runs the 750-step cell instead. Where no lr of ``LRS`` leaves the
+reallocation off at the default's lr. ``--long`` runs the 750-step cell instead, ``--base nf4`` the cell on a
+4-bit base. Where no lr of ``LRS`` leaves the
 majority class on validation,
 ``FALLBACK_LRS`` are tried in turn (seed 0), so that a method is compared at
 an lr where it learns. A run whose validation accuracy ends within 2 points of the majority class is
@@ -34,7 +35,8 @@ stopped, and several workers share the grid through claim files.
     nice python benchmarks/quality.py & nice python benchmarks/quality.py; wait   # the grid, 2 workers
     python benchmarks/quality.py --write-md            # tables from the JSONL into RESULTS.md
     python benchmarks/quality.py --status              # how far the grid got
-    nice python benchmarks/quality.py --long           # the 750-step cell (after the grid picked its lrs)
+    nice python benchmarks/quality.py --long           # the 750-step cell (its own lr selection, then 3 seeds)
+    nice python benchmarks/quality.py --base nf4       # the 4-bit-base cell (QLoRA), movies r = 8
 """
 from __future__ import annotations
 
@@ -644,7 +646,8 @@ def long_cell(rows: list[dict], heatmap: Path = HEATMAP) -> list[str]:
     lines = ["", f"### A longer run: {task}, r = {r}, {steps} steps (about 2.7 passes over the training split)", "",
              "The lrs are picked in this cell, on validation at seed 0, by the grid's rule (the 250-step picks need "
              "not learn over a longer schedule); seeds 0–2 then run at the picks, reallocation off at the default's. "
-             "Validation accuracy over the run (mean over the seeds at the pick), test accuracy at the end.", "",
+             "Validation accuracy over the run (mean over the seeds at the pick), test accuracy at the end. "
+             "Runs: `nice python benchmarks/quality.py --long` (one or more workers).", "",
              "| method | lr (val @ " + steps + ", seed 0) | seeds | " + " | ".join(f"val @ {t}" for t in LONG["eval_at"])
              + " | test | ranks moved / run | did not learn |", "|---|---|---|" + "---|" * (len(LONG["eval_at"]) + 3)]
     for method in HEADLINE_METHODS:
@@ -684,7 +687,7 @@ def quantized(rows: list[dict]) -> list[str]:
              "`prepare_model_for_kbit_training` (gradient checkpointing on), then `get_peft_model`, which puts its "
              "bitsandbytes LoRA layers on the 4-bit linears (checked at the start of every run). ElaLoRA runs the "
              "library defaults on the same base without that call. lr picked on validation at seed 0, as in the "
-             "grid; seeds 1 and 2 at the pick.", "",
+             "grid; seeds 1 and 2 at the pick. Runs: `nice python benchmarks/quality.py --base nf4`.", "",
              f"| method | lr (val, seed 0: {' / '.join(f'{lr:g}' for lr in LRS)}) | seeds | val @ {SETUP['steps']} | "
              "test | did not learn |", "|---|---|---|---|---|---|"]
     for method in QUANT_METHODS:
