@@ -714,8 +714,10 @@ def rank_map(row: Optional[dict], heatmap: Path) -> list[str]:
     title = f"{NAMES[row['method']]}, seed {row['seed']}: final ranks ({row['rounds']} rounds moved {row['ranks_moved']})"
     plot_rank_heatmap(pattern, heatmap, title=title)
     layers, types, grid = rank_grid(pattern)
+    net = sum(abs(rank - row["r"]) for rank in row["final_ranks"]) // 2  # ranks that ended somewhere else
     lines = ["", f"Final rank per layer, {NAMES[row['method']]}, seed {row['seed']} (started at {row['r']} each; "
-             f"{row['rounds']} rounds moved {row['ranks_moved']} ranks):", "",
+             f"{row['rounds']} rounds moved {row['ranks_moved']} ranks, of which {net} ended in another matrix than "
+             "they started in: the rest undid earlier moves):", "",
              f"![final rank per layer]({heatmap.name})", "",
              "| layer | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
     lines += [f"| {layer} | " + " | ".join("" if x is None else str(x) for x in ranks) + " |"
