@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from elalora_kernels import reference
+from elalora_kernels.torch_ops.score_ema import check_lengths
 
 from . import _common, score_ema_kernel
 from .score_ema_tables import tables_for
@@ -40,8 +41,7 @@ def score_ema_update_async(
     beta2: float,
 ) -> Tensor:
     """The update without a host sync: returns the non-finite count as an int32 device tensor."""
-    if not (len(params) == len(grads) == len(ema_ipt) == len(ema_unc)):
-        raise ValueError("score_ema_update: params, grads, ema_ipt and ema_unc must have equal lengths")
+    check_lengths(params, grads, ema_ipt, ema_unc)
     device = params[0].device if len(params) else torch.device("cpu")
     count = torch.zeros(1, dtype=torch.int32, device=device)
     groups: dict[tuple, list] = {}

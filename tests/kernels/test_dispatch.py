@@ -47,3 +47,15 @@ def test_environment_variable_forces_the_backend_at_import():
     assert proc.returncode == 0 and proc.stdout.strip() == "reference", proc.stderr[-2000:]
     proc = _import_with_env("nonsense")
     assert proc.returncode != 0 and "'nonsense' is not a backend" in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_score_ema_lists_of_unequal_length_are_an_error_and_change_nothing(backend):
+    """A grad missing from the list would otherwise pair every later weight with the wrong EMAs."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    w = [torch.ones(4), torch.ones(3)]
+    ipt, unc = [torch.zeros(4), torch.zeros(3)], [torch.zeros(4), torch.zeros(3)]
+    with dispatch.use_backend(backend), pytest.raises(ValueError, match=r"must have the same length \(got 2, 1, 2, 2\)"):
+        dispatch.score_ema_update(w, [torch.ones(4)], ipt, unc, 0.85, 0.85)
+    assert all(not t.any() for t in ipt + unc)
