@@ -83,14 +83,14 @@ def test_trainer_trains_an_adapted_quantized_model(checkpoint, kind, tmp_path):
     data = [{k: v[i] for k, v in batch(32).items()} for i in range(32)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
                                           learning_rate=5e-3, report_to="none", use_cpu=True, save_strategy="no",
-                                          disable_tqdm=True)
+                                          eval_strategy="steps", eval_steps=3, disable_tqdm=True)  # evals between steps
     with pytest.raises(ValueError, match="purely quantized"):  # the check that inject satisfies
         transformers.Trainer(model=load(checkpoint, kind), args=args, train_dataset=data)
 
     model = elalora.inject(load(checkpoint, kind), ela_config())
     frozen = quantized_bytes(model)
     callback = ElaLoRACallback(ela_config()).attach(
-        transformers.Trainer(model=model, args=args, train_dataset=data)
+        transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
     )
     callback._trainer.train()
     assert callback.allocator.t == 8 and callback.allocator.history  # rounds ran on the quantized model
